@@ -1,0 +1,603 @@
+"""AGRPO: policy gradients for masked diffusion language models, in one file.
+
+Reference implementation of "Simple Policy Gradients for Reasoning with Diffusion Language Models"
+(A. Zhan, arXiv 2510.04019). The file follows the paper in order:
+
+  0. Config            every hyperparameter, the authors' settings as defaults
+  1. Loading           LLaDA-8B-Instruct (or an offline toy model), plain LoRA
+  2. Sampler           section 1: generation as a Markov decision process
+  3. Advantages        section 3: group-relative rewards
+  4. Policy gradient   section 2: the amortized Monte Carlo estimator
+  5. Training loop     section 4: the authors' recipe
+
+Run `python agrpo.py --help` for every flag; `python agrpo.py --task countdown --model toy --device cpu`
+runs the whole method offline on a CPU in seconds.
+"""
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+import reward as tasks
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 0. Config
+def arg(default, help):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Args:
+    # task and model
+    task: Literal["countdown", "gsm8k", "math500", "sudoku"] = arg("countdown", "Task to train on (reward.py).")
+    model: str = arg("GSAI-ML/LLaDA-8B-Instruct", "Hub id or local path of a masked diffusion LM; 'toy' builds "
+                     "a tiny random one offline and shrinks the defaults below to a CPU-sized run.")
+    data: Literal["hub", "synthetic"] = arg("hub", "Where examples come from: the paper's hub data sets, or "
+                                            "seeded offline generators (countdown, sudoku).")
+    device: str = arg("cuda", "Torch device ('cuda', 'cuda:1', 'cpu').")
+    dtype: Literal["bfloat16", "float32"] = arg("bfloat16", "Model weights' dtype.")
+    mask_token_id: int = arg(126336, "Id of the mask token (LLaDA: 126336).")
+    eos_token_id: Optional[int] = arg(None, "Id of EOS; default: the model config's.")
+    seed: int = arg(333, "Seed of every random generator.")
+    output_dir: str = arg("runs/agrpo", "Where metrics.jsonl and checkpoints go.")
+    # LoRA (section 4)
+    lora_rank: int = arg(64, "LoRA rank r; 0 trains all weights.")
+    lora_alpha: float = arg(64.0, "LoRA alpha (the update is scaled by alpha / r).")
+    lora_dropout: float = arg(0.0, "Dropout on the LoRA input.")
+    lora_targets: str = arg("q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out",
+                            "Comma-separated names of the linear layers that get adapters (LLaDA's names).")
+    # optimisation (section 4)
+    learning_rate: float = arg(5e-6, "AdamW peak learning rate.")
+    adam_beta1: float = arg(0.9, "AdamW beta1.")
+    adam_beta2: float = arg(0.99, "AdamW beta2.")
+    weight_decay: float = arg(0.01, "AdamW weight decay.")
+    max_grad_norm: float = arg(1.0, "Gradient-norm clip.")
+    warmup_ratio: float = arg(0.01, "Share of steps with linear warm-up before the cosine decay.")
+    num_train_epochs: float = arg(5.0, "Passes over the training prompts (sets the number of steps).")
+    max_steps: int = arg(-1, "Optimizer steps; > 0 overrides num_train_epochs.")
+    # batch (section 4: 16 prompts x 8 completions per optimizer step)
+    prompts_per_step: int = arg(16, "Prompts per optimizer step, over all devices.")
+    group_size: int = arg(8, "Completions per prompt, G (section 3).")
+    micro_batch_size: int = arg(8, "Completions per forward pass on one device (gradient accumulation follows).")
+    # training rollouts (section 1)
+    completion_length: int = arg(384, "Completion length C.")
+    block_length: int = arg(12, "Semi-autoregressive block length BL.")
+    sampling_steps: int = arg(128, "Denoising steps T; each reveals C/T tokens.")
+    unmasking: Literal["random", "low_confidence"] = arg("random", "Which masked positions a step reveals.")
+    temperature: float = arg(0.6, "Sampling temperature (0 = greedy).")
+    top_p: float = arg(0.99, "Nucleus truncation of the support (1 = off).")
+    top_k: int = arg(150, "Top-k truncation of the support (0 = off).")
+    # the estimator (section 2) and the objective
+    mc_samples: int = arg(24, "Sampled timesteps M per completion.")
+    importance_sampling: Literal["entropy", "uniform"] = arg("entropy", "Distribution q over timesteps.")
+    low_discrepancy: bool = arg(True, "Stratify the batch's uniforms before the inverse CDF of q.")
+    epsilon: float = arg(0.2, "PPO clip range eps.")
+    beta: float = arg(0.0, "Weight of the k3 KL to the reference (adapters off; needs lora_rank > 0).")
+    num_iterations: int = arg(1, "Gradient steps per batch of rollouts.")
+    scale_rewards: Literal["none", "std"] = arg("none", "'std' divides advantages by the group std (GRPO); "
+                                                "the authors only centre them.")
+    save_every: int = arg(0, "Save a checkpoint every N steps (0: only at the end).")
+
+
+# `--model toy`: a CPU-sized run. Applied to the fields still at their defaults.
+TOY = dict(data="synthetic", device="cpu", dtype="float32", mask_token_id=2, lora_rank=0, learning_rate=3e-4,
+           prompts_per_step=4, group_size=4, micro_batch_size=16, completion_length=32, block_length=8,
+           sampling_steps=16, mc_samples=4, top_k=0, top_p=1.0, temperature=1.0)
+
+
+def check_sampler(args):
+    """Reject a sampler geometry or truncation that cannot run, naming the fix (raises ValueError)."""
+    C, BL, T = args.completion_length, args.block_length, args.sampling_steps
+    if min(C, BL, T) <= 0 or C % BL or T % (C // BL) or BL % (T // (C // BL)):
+        raise ValueError(f"--completion-length {C}, --block-length {BL}, --sampling-steps {T} do not fit: C must "
+                         "be a multiple of BL, T a multiple of the number of blocks C/BL, and each block's BL "
+                         "tokens must split evenly over its T/(C/BL) steps (e.g. C=384, BL=12, T=128)")
+    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
+        raise ValueError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
+
+
+def check(args):
+    """Reject settings training cannot run with, naming the fix (raises ValueError)."""
+    check_sampler(args)
+    if args.group_size < 2 or args.mc_samples < 1 or args.num_iterations < 1:
+        raise ValueError("need --group-size >= 2, --mc-samples >= 1 and --num-iterations >= 1")
+    if args.beta > 0 and args.lora_rank == 0:
+        raise ValueError("--beta > 0 needs LoRA (--lora-rank > 0): the reference is the model, adapters off")
+    if args.micro_batch_size <= 0 or args.prompts_per_step * args.group_size % args.micro_batch_size:
+        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide prompts x group size "
+                         f"({args.prompts_per_step} x {args.group_size})")
+
+
+def geometry(args):
+    """Blocks, steps per block and tokens revealed per step k (section 1)."""
+    blocks = args.completion_length // args.block_length
+    steps_per_block = args.sampling_steps // blocks
+    return blocks, steps_per_block, args.block_length // steps_per_block
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 1. Loading
+class LoRALinear(nn.Module):
+    """y = W x + (alpha / r) B A dropout(x), with W frozen and B = 0 at the start."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / rank, True
+        self.dropout = nn.Dropout(dropout)
+        # float32 even for a bf16 model: updates of lr 5e-6 would vanish in bf16 rounding
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+
+    def forward(self, x):
+        y = self.base(x)
+        if self.enabled:  # float32 master weights, computed in the activations' dtype
+            y = y + (self.dropout(x) @ self.lora_A.to(x.dtype).T @ self.lora_B.to(x.dtype).T) * self.scale
+        return y
+
+    def merged(self) -> nn.Linear:
+        self.base.weight.data += (self.lora_B @ self.lora_A).to(self.base.weight.dtype) * self.scale
+        return self.base
+
+
+def add_lora(model, args):
+    """Freeze the model and wrap every linear layer named in --lora-targets (no peft needed)."""
+    targets = set(args.lora_targets.split(","))
+    model.requires_grad_(False)
+    hits = [(name, m) for name, m in model.named_modules()
+            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    if not hits:
+        raise ValueError(f"no linear layer of the model is named any of {sorted(targets)}; set --lora-targets")
+    for name, module in hits:
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child,
+                LoRALinear(module, args.lora_rank, args.lora_alpha, args.lora_dropout))
+    return model
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """The reference policy for the KL term (section 2): the base model, adapters switched off."""
+    loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    for m in loras:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m in loras:
+            m.enabled = True
+
+
+def merge_lora(model):
+    """Fold the adapters into the weights, for export as a plain transformers model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, module.merged())
+    return model
+
+
+def toy_model_and_tokenizer(seed: int):
+    """A tiny random bidirectional masked LM (BERT-shaped) and a character tokenizer, built offline."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<mask>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    chars = [chr(c) for c in range(32, 127)] + ["\n"]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", mask_token="<mask>", unk_token="<unk>",
+        additional_special_tokens=specials[4:], padding_side="left",
+        chat_template="{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+                      "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=128, max_position_embeddings=1024, pad_token_id=0,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa")
+    return BertForMaskedLM(config), tokenizer
+
+
+def load_model_and_tokenizer(args):
+    """LLaDA-8B-Instruct through AutoModel (remote code, bf16), or the toy model; fills args.eos_token_id."""
+    dtype = getattr(torch, args.dtype)
+    if args.model == "toy":
+        model, tokenizer = toy_model_and_tokenizer(args.seed)
+    else:
+        from transformers import AutoModel, AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True, padding_side="left")
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, torch_dtype=dtype)
+    if args.eos_token_id is None:
+        args.eos_token_id = model.config.eos_token_id if model.config.eos_token_id is not None \
+            else tokenizer.eos_token_id
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = model.to(device=args.device, dtype=dtype)
+    return (add_lora(model, args) if args.lora_rank > 0 else model), tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 2. Masked diffusion sampler (section 1)
+@dataclass
+class Rollout:
+    """B completions of length C and, per completion token, what the policy gradient needs."""
+    prompt_ids: torch.Tensor            # (B, P) left-padded prompts
+    prompt_mask: torch.Tensor           # (B, P) 1 on real prompt tokens
+    tokens: torch.Tensor                # (B, C) completion ids
+    step: torch.Tensor                  # (B, C) step that revealed the token; T for the EOS filler (no action)
+    logp: torch.Tensor                  # (B, C) log pi_old(token | s_step), truncated and tempered
+    entropy: torch.Tensor               # (B, C) entropy of that distribution
+    support: Optional[torch.Tensor]     # (B, C, K) candidate ids, most probable first (None: no truncation)
+    support_size: torch.Tensor          # (B, C) the support S_i is support[..., :support_size]
+
+    def __getitem__(self, rows):
+        return Rollout(*(None if v is None else v[rows] for v in dataclasses.astuple(self)))
+
+
+def logits_at(model, input_ids, attention_mask, positions):
+    """Logits (B, n, V) at `positions` (B, n) only: the output layer is fed just those hidden states, so the
+    full (B, length, V) logits tensor is never built. Works for any model whose output layer is a module."""
+    head = getattr(model, "module", model).get_output_embeddings()
+    if head is None or isinstance(head, nn.Embedding):  # tied through F.linear: slice the full logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def keep_positions(_, inputs):
+        hidden = inputs[0]
+        return (hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1])),) + inputs[1:]
+
+    handle = head.register_forward_pre_hook(keep_positions)
+    try:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        handle.remove()
+
+
+def truncated_logits(logits, args):
+    """softmax(logits / temperature) restricted to S_i: top-k, then top-p (section 1, step 2).
+    Returns the candidates' tempered logits (-inf outside S_i), their ids, and |S_i|."""
+    z = logits.float() / args.temperature
+    V = z.shape[-1]
+    K = min(args.top_k, V) if args.top_k > 0 else V
+    if K == V and args.top_p >= 1:  # no truncation: the support is the whole vocabulary
+        return z, torch.arange(V, device=z.device).expand_as(z), torch.full(z.shape[:-1], V, device=z.device)
+    z, ids = z.topk(K, dim=-1)
+    if args.top_p < 1:  # keep the most probable tokens while their cumulative mass is <= top_p (at least one)
+        size = (z.softmax(-1).cumsum(-1) <= args.top_p).sum(-1).clamp_min(1)
+    else:
+        size = torch.full(z.shape[:-1], K, device=z.device)
+    z = z.masked_fill(torch.arange(K, device=z.device) >= size[..., None], -math.inf)
+    return z, ids, size
+
+
+def sample_tokens(logits, args, generator):
+    """Sample every position from its truncated tempered distribution with float64 Gumbel-max.
+    Returns tokens, their log-probs, the entropies, the supports (ids, size) and a confidence score."""
+    if args.temperature == 0:  # greedy (evaluation): a point mass, ranked by the model's own log-prob
+        confidence, tokens = logits.float().log_softmax(-1).max(-1)
+        zeros = torch.zeros_like(confidence)
+        return tokens, zeros, zeros, tokens[..., None], torch.ones_like(tokens), confidence
+    z, ids, size = truncated_logits(logits, args)
+    logq = z.log_softmax(-1)
+    u = torch.rand(z.shape, dtype=torch.float64, device=z.device, generator=generator)
+    pick = (z.double() - (-u.log()).log()).argmax(-1, keepdim=True)
+    logp = logq.gather(-1, pick).squeeze(-1)
+    entropy = torch.special.entr(logq.exp()).sum(-1)
+    return ids.gather(-1, pick).squeeze(-1), logp, entropy, ids, size, logp
+
+
+@torch.no_grad()
+def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
+    """Semi-autoregressive masked diffusion (section 1): C/BL blocks left to right, T steps in all, each step
+    one forward pass and k = C/T revealed tokens of the current block, with everything recorded for section 2."""
+    check_sampler(args)
+    B, P = prompt_ids.shape
+    C, BL, T = args.completion_length, args.block_length, args.sampling_steps
+    blocks, steps_per_block, k = geometry(args)
+    dev = prompt_ids.device
+    x = torch.cat([prompt_ids, torch.full((B, C), args.mask_token_id, device=dev)], 1)
+    attention = torch.cat([prompt_mask, torch.ones(B, C, dtype=prompt_mask.dtype, device=dev)], 1)
+    step = torch.full((B, C), T, device=dev)
+    logp, entropy = torch.zeros(B, C, device=dev), torch.zeros(B, C, device=dev)
+    truncated = args.temperature > 0 and (args.top_p < 1 or 0 < args.top_k < model_vocab(model))
+    K = 1 if args.temperature == 0 else min(args.top_k or model_vocab(model), model_vocab(model))
+    support = torch.zeros(B, C, K, dtype=torch.long, device=dev) if truncated else None
+    support_size = torch.ones(B, C, dtype=torch.long, device=dev)
+    rows = torch.arange(B, device=dev)  # rows still generating
+    t = 0
+    for b in range(blocks):
+        lo, hi = b * BL, (b + 1) * BL
+        block = torch.arange(P + lo, P + hi, device=dev).expand(len(rows), -1)
+        for _ in range(steps_per_block):
+            logits = logits_at(model, x[rows], attention[rows], block)                      # step 1
+            tokens, lp, ent, ids, size, confidence = sample_tokens(logits, args, generator)  # step 2
+            masked = step[rows, lo:hi] == T  # not yet revealed (a sampled mask id counts as revealed)
+            score = confidence if args.unmasking == "low_confidence" else \
+                torch.rand(confidence.shape, device=dev, generator=generator)
+            j = score.masked_fill(~masked, -math.inf).topk(k, dim=-1).indices               # (R, k)
+            r = rows[:, None]                                                               # step 4
+            x[r, P + lo + j] = tokens.gather(1, j)
+            step[r, lo + j] = t
+            logp[r, lo + j], entropy[r, lo + j] = lp.gather(1, j), ent.gather(1, j)
+            support_size[r, lo + j] = size.gather(1, j)
+            if support is not None:
+                support[r, lo + j] = ids.gather(1, j[..., None].expand(-1, -1, K))
+            t += 1
+        # step 5: a block that came out all EOS ends its row; the rest becomes EOS filler, never an action
+        done = (x[rows, P + lo:P + hi] == args.eos_token_id).all(-1)
+        x[rows[done], P + hi:] = args.eos_token_id
+        rows = rows[~done]
+        if len(rows) == 0:
+            break
+    return Rollout(prompt_ids, prompt_mask, x[:, P:], step, logp, entropy, support, support_size)
+
+
+def model_vocab(model):
+    return getattr(model, "module", model).get_input_embeddings().num_embeddings
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 3. Rewards and group advantages (section 3)
+def score(tokenizer, rollout, examples, args):
+    """Decode the completions and grade them with reward.py; returns (N, 2) format and correctness parts."""
+    texts = tokenizer.batch_decode(rollout.tokens, skip_special_tokens=True)
+    parts = [tasks.reward_parts(args.task, text, ex) for text, ex in zip(texts, examples)]
+    return torch.tensor([[p["format"], p["correct"]] for p in parts]), texts
+
+
+def group_advantages(rewards, group_size, scale="none"):
+    """A_i = R_i - mean of its group of G; 'std' also divides by the group's standard deviation."""
+    r = rewards.view(-1, group_size)
+    a = r - r.mean(1, keepdim=True)
+    if scale == "std":
+        a = a / (r.std(1, keepdim=True) + 1e-4)
+    return a.flatten()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 4. The amortized policy gradient (section 2)
+def trajectory_length(rollout, args):
+    """L = (last step that revealed a non-EOS token) + 1; 0 for a completion of nothing but EOS."""
+    real = rollout.step.masked_fill(rollout.tokens == args.eos_token_id, -1)
+    return real.max(1).values + 1
+
+
+def sample_timesteps(rollout, L, args, generator=None):
+    """Draw M steps per completion from q over 0..L-1 and return them with weights 1 / (L q(t)).
+    q is uniform, or proportional to the entropy revealed at each step; the B*M uniforms are stratified
+    (randperm + U) / (B*M) when low_discrepancy is on. Completions with L = 0 get weight 0."""
+    B, M, T, dev = L.numel(), args.mc_samples, args.sampling_steps, L.device
+    u = torch.rand(B * M, dtype=torch.float64, device=dev, generator=generator)
+    if args.low_discrepancy:
+        u = (torch.randperm(B * M, device=dev, generator=generator) + u) / (B * M)
+    live = torch.arange(T, device=dev) < L[:, None]  # steps 0..L-1
+    if args.importance_sampling == "entropy":
+        mass = torch.zeros(B, T, dtype=torch.float64, device=dev)
+        mass.scatter_add_(1, rollout.step.clamp(max=T - 1), rollout.entropy.double())
+        mass = (mass + 1e-8) * live
+    else:
+        mass = live.double()
+    q = mass / mass.sum(1, keepdim=True).clamp_min(1e-30)
+    t = torch.searchsorted(q.cumsum(1), u.view(B, M)).clamp(max=(L - 1).clamp_min(0)[:, None])
+    weight = torch.where(L[:, None] > 0, 1 / (L[:, None] * q.gather(1, t)).clamp_min(1e-30), 0.0)
+    return t, weight.float()
+
+
+def step_logprobs(model, rollout, t, args):
+    """log pi(x_i | s_t) of the k tokens each completion revealed at its step t (B,), under the recorded
+    support and temperature. s_t is rebuilt by re-masking every token revealed at step >= t (the EOS
+    filler included, it is marked with step T). Returns log-probs and positions, both (B, k)."""
+    k = geometry(args)[2]
+    now = rollout.step == t[:, None]
+    pos = now.float().topk(k, dim=-1).indices                                   # the k positions revealed at t
+    state = rollout.tokens.masked_fill(rollout.step >= t[:, None], args.mask_token_id)
+    ids = torch.cat([rollout.prompt_ids, state], 1)
+    attention = torch.cat([rollout.prompt_mask, torch.ones_like(state, dtype=rollout.prompt_mask.dtype)], 1)
+    z = logits_at(model, ids, attention, rollout.prompt_ids.shape[1] + pos).float() / args.temperature
+    token = rollout.tokens.gather(1, pos)
+    if rollout.support is not None:
+        K = rollout.support.shape[-1]
+        cand = z.gather(-1, rollout.support.gather(1, pos[..., None].expand(-1, -1, K)))
+        outside = torch.arange(K, device=z.device) >= rollout.support_size.gather(1, pos)[..., None]
+        norm = cand.masked_fill(outside, -math.inf).logsumexp(-1)
+    else:
+        norm = z.logsumexp(-1)
+    return z.gather(-1, token[..., None]).squeeze(-1) - norm, pos
+
+
+def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0):
+    """AGRPO's policy-gradient step for one micro-batch: sample M timesteps per completion, and for each
+    rebuild s_t, recompute the log-probs of the tokens revealed at t, form the PPO-clipped term (plus beta
+    times the k3 KL to the reference) and back-propagate (term * weight) * scale / (M * G) at once, so memory
+    stays flat. Returns metrics."""
+    M, G, k = args.mc_samples, args.group_size, geometry(args)[2]
+    L = trajectory_length(rollout, args)
+    t, weight = sample_timesteps(rollout, L, args, generator)
+    adv = advantages[:, None].expand(-1, k)
+    stats = torch.zeros(5, device=L.device)  # loss, low clip, high clip, kl, ratio deviation
+    for m in range(M):
+        logp, pos = step_logprobs(model, rollout, t[:, m], args)
+        ratio = (logp - rollout.logp.gather(1, pos)).exp()
+        term = -torch.min(ratio * adv, ratio.clamp(1 - args.epsilon, 1 + args.epsilon) * adv)
+        if args.beta > 0:
+            with torch.no_grad(), adapters_off(getattr(model, "module", model)):
+                ref = step_logprobs(model, rollout, t[:, m], args)[0]
+            kl = (ref - logp).exp() - (ref - logp) - 1
+            term = term + args.beta * kl * ratio
+            stats[3] += kl.detach().mean() / M
+        loss = (term * weight[:, m, None]).sum() * scale / (M * G)
+        loss.backward()
+        with torch.no_grad():
+            stats[0] += loss
+            stats[1] += ((ratio < 1 - args.epsilon) & (adv < 0)).float().mean() / M
+            stats[2] += ((ratio > 1 + args.epsilon) & (adv > 0)).float().mean() / M
+            stats[4] = torch.maximum(stats[4], (ratio - 1).abs().max())
+    return dict(zip(["loss", "clip_low", "clip_high", "kl", "ratio_max_dev"], stats.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 5. Training loop (section 4)
+def tokenize_prompts(tokenizer, examples, args):
+    texts = [tokenizer.apply_chat_template(tasks.prompt_messages(args.task, ex), add_generation_prompt=True,
+                                           tokenize=False) for ex in examples]
+    enc = tokenizer(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    return enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
+
+
+def prompt_stream(examples, seed):
+    """Examples in a fresh seeded order every epoch, forever."""
+    rng = random.Random(seed)
+    while True:
+        order = list(range(len(examples)))
+        rng.shuffle(order)
+        yield from (examples[i] for i in order)
+
+
+def rl_step(model, tokenizer, optimizer, schedule, batch, args, generator):
+    """One AGRPO step: generate G completions per prompt, score them, then num_iterations gradient steps."""
+    G, mb = args.group_size, args.micro_batch_size
+    examples = [ex for ex in batch for _ in range(G)]
+    clock = time.perf_counter()
+    model.eval()
+    rollouts = []
+    for i in range(0, len(examples), mb):
+        prompt_ids, prompt_mask = tokenize_prompts(tokenizer, examples[i:i + mb], args)
+        rollouts.append(generate(model, prompt_ids, prompt_mask, args, generator))
+    seconds = {"generate": time.perf_counter() - clock}
+
+    clock = time.perf_counter()
+    scored = [score(tokenizer, r, examples[i * mb:(i + 1) * mb], args) for i, r in enumerate(rollouts)]
+    parts, texts = torch.cat([p for p, _ in scored]), [s for _, ts in scored for s in ts]
+    rewards = parts.sum(1)
+    advantages = group_advantages(rewards, G, args.scale_rewards).to(args.device)
+    correct = torch.tensor([tasks.is_correct(args.task, s, ex) for s, ex in zip(texts, examples)])
+    seconds["score"] = time.perf_counter() - clock
+
+    clock = time.perf_counter()
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(args.num_iterations):
+        metrics = [agrpo_loss(model, r, advantages[i * mb:(i + 1) * mb], args, generator,
+                              scale=1 / len(batch)) for i, r in enumerate(rollouts)]
+        grad_norm = nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+    seconds["train"] = time.perf_counter() - clock
+
+    lengths = torch.cat([(r.tokens != args.eos_token_id).sum(1) for r in rollouts]).float()
+    spread = rewards.view(-1, G).std(1)
+    out = {"reward": rewards.mean().item(), "reward_format": parts[:, 0].mean().item(),
+           "reward_correct": parts[:, 1].mean().item(), "accuracy": correct.mean().item(),
+           "reward_std": spread.mean().item(), "zero_spread_groups": (spread == 0).float().mean().item(),
+           "advantage_abs": advantages.abs().mean().item(), "completion_length": lengths.mean().item(),
+           "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0],
+           "loss": sum(m["loss"] for m in metrics)}
+    out.update({key: sum(m[key] for m in metrics) / len(metrics) for key in ("clip_low", "clip_high", "kl")})
+    out.update({f"seconds_{k}": v for k, v in seconds.items()})
+    return out, texts
+
+
+def save_checkpoint(path, model, optimizer, schedule, step, args):
+    """Trainable weights (the adapters under LoRA), optimizer, schedule and step, written atomically:
+    into a temporary directory first, then renamed into place."""
+    tmp = path + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    torch.save({"model": {n: v for n, v in model.state_dict().items() if n in trainable},
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step},
+               os.path.join(tmp, "state.pt"))
+    with open(os.path.join(tmp, "args.json"), "w") as f:
+        json.dump(dataclasses.asdict(args), f, indent=1)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
+
+
+def parse_args(argv=None):
+    from transformers import HfArgumentParser
+    parser = HfArgumentParser(Args)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        (args,) = parser.parse_yaml_file(argv[0]) if argv[0].endswith(("yaml", "yml")) \
+            else parser.parse_json_file(argv[0])
+    else:
+        (args,) = parser.parse_args_into_dataclasses(argv)
+    if args.model == "toy":
+        defaults = Args()
+        for name, value in TOY.items():
+            if getattr(args, name) == getattr(defaults, name):
+                setattr(args, name, value)
+    return args
+
+
+def setup(args):
+    """Everything that can fail for reasons outside the code, each failure one clear sentence."""
+    check(args)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise SystemExit("agrpo: CUDA is not available here. LLaDA-8B needs a GPU (see README); "
+                         "for an offline CPU run use --model toy --device cpu")
+    try:
+        examples = tasks.load_examples(args.task, "train", args.data, seed=args.seed)
+    except tasks.DataUnavailable as e:
+        raise SystemExit(f"agrpo: {e}")
+    try:
+        model, tokenizer = load_model_and_tokenizer(args)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"agrpo: could not load model {args.model!r} ({str(e).splitlines()[0][:200]}). Check "
+                         "the name and the network (or HF_HOME cache), or use --model toy for an offline run")
+    return model, tokenizer, examples
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    try:
+        model, tokenizer, examples = setup(args)
+    except ValueError as e:
+        raise SystemExit(f"agrpo: {e}")
+    from transformers import get_cosine_schedule_with_warmup
+    torch.manual_seed(args.seed)
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    steps = args.max_steps if args.max_steps > 0 else \
+        math.ceil(args.num_train_epochs * len(examples) / args.prompts_per_step)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay)
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * steps), steps)
+    os.makedirs(args.output_dir, exist_ok=True)
+    prompts = prompt_stream(examples, args.seed)
+    print(f"AGRPO on {args.task}: {len(examples)} prompts, {steps} steps of {args.prompts_per_step} x "
+          f"{args.group_size} completions, {sum(p.numel() for p in trainable):,} trainable parameters")
+    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as log:
+        bar = tqdm(range(1, steps + 1), desc="AGRPO", dynamic_ncols=True)
+        for step in bar:
+            batch = [next(prompts) for _ in range(args.prompts_per_step)]
+            metrics, _ = rl_step(model, tokenizer, optimizer, schedule, batch, args, generator)
+            if args.device.startswith("cuda"):
+                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+            log.write(json.dumps({"step": step, **metrics}) + "\n")
+            log.flush()
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                            len=f"{metrics['completion_length']:.0f}",
+                            gen=f"{metrics['seconds_generate']:.1f}s", train=f"{metrics['seconds_train']:.1f}s")
+            if step == steps or (args.save_every and step % args.save_every == 0):
+                save_checkpoint(os.path.join(args.output_dir, "checkpoint"), model, optimizer, schedule, step, args)
+    print(f"done: metrics in {args.output_dir}/metrics.jsonl, checkpoint in {args.output_dir}/checkpoint")
+
+
+if __name__ == "__main__":
+    main()
