@@ -1,0 +1,692 @@
+"""Tests that this is AGRPO: run `pytest test_agrpo.py` (CPU, offline, well under a minute).
+
+1. The estimator is unbiased: exact enumeration on toy problems, z-tests with fixed seeds, and planted
+   biased estimators that the same tests reject.
+2. The sampler and the trainer agree: recomputed log-probs equal the recorded ones.
+3. The sampler keeps its invariants and draws from the truncated distribution.
+4. The rewards are right, also on hostile completions.
+5. End to end: a toy model learns, and `main()` runs, logs and checkpoints.
+"""
+import dataclasses
+import json
+import math
+import os
+import random
+import sys
+import time
+import types
+
+import pytest
+import torch
+from transformers import BertConfig, BertForMaskedLM
+
+import agrpo
+import reward
+from agrpo import Args
+
+torch.set_num_threads(1)
+EOS, MASK = 0, 3  # toy vocabulary: EOS, a, b, MASK (the mask id can be sampled too: it is in the vocabulary)
+
+
+def tiny_model(seed=0, vocab=4, eos_bias=0.0):
+    """A one-layer bidirectional BERT from a transformers config, with spread-out random weights."""
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=vocab, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=16, max_position_embeddings=16, initializer_range=1.0,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, attn_implementation="eager")
+    model = BertForMaskedLM(config).eval()
+    with torch.no_grad():
+        model.cls.predictions.bias[EOS] += eos_bias
+    return model
+
+
+def toy_args(**kw):
+    base = dict(completion_length=3, block_length=3, sampling_steps=3, mask_token_id=MASK, eos_token_id=EOS,
+                temperature=1.0, top_k=0, top_p=1.0, group_size=4, mc_samples=2, device="cpu", dtype="float32")
+    return Args(**{**base, **kw})
+
+
+def prompt(batch, ids=(1, 2)):
+    p = torch.tensor([ids]).expand(batch, -1)
+    return p, torch.ones_like(p)
+
+
+def flat_grad(model):
+    g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
+    model.zero_grad(set_to_none=True)
+    return g
+
+
+def z_scores(draws, expected, seed=0, directions=12):
+    """z of the draws' mean against `expected`, on the expected direction and on random directions;
+    the standard error is estimated from the draws."""
+    gen = torch.Generator().manual_seed(seed)
+    v = torch.cat([expected[None] / expected.norm(), torch.randn(directions, expected.numel(), generator=gen)])
+    proj, target = draws.double() @ v.double().T, v.double() @ expected.double()
+    se = proj.std(0) / math.sqrt(len(draws))
+    return (proj.mean(0) - target) / se
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 1a. Per trajectory: the mean of agrpo_loss's gradients is the step average (1/L) sum_t g_t
+def plain_step_gradients(model, rollout, args):
+    """g_t for every step t < L, the plain way: full logits of the rebuilt state, a boolean support mask."""
+    B, C = rollout.tokens.shape
+    L = agrpo.trajectory_length(rollout, args)
+    grads = []
+    for b in range(B):
+        per_step = []
+        for t in range(int(L[b])):
+            state = rollout.tokens[b].clone()
+            state[rollout.step[b] >= t] = args.mask_token_id
+            ids = torch.cat([rollout.prompt_ids[b], state])[None]
+            logits = model(input_ids=ids).logits[0, rollout.prompt_ids.shape[1]:].float() / args.temperature
+            total = 0
+            for i in (rollout.step[b] == t).nonzero().flatten():
+                allowed = torch.ones(logits.shape[-1], dtype=torch.bool)
+                if rollout.support is not None:
+                    allowed[:] = False
+                    allowed[rollout.support[b, i, :rollout.support_size[b, i]]] = True
+                total = total + logits[i].masked_fill(~allowed, -math.inf).log_softmax(-1)[rollout.tokens[b, i]]
+            total.backward()
+            per_step.append(flat_grad(model))
+        grads.append(torch.stack(per_step))
+    return grads, L
+
+
+def estimator_draws(model, rollout, args, n, seed):
+    """n independent gradients of agrpo_loss (advantage 1, G = 1), each times -G."""
+    gen = torch.Generator().manual_seed(seed)
+    ones = torch.ones(rollout.tokens.shape[0])
+    draws = []
+    for _ in range(n):
+        agrpo.agrpo_loss(model, rollout, ones, args, gen)
+        draws.append(-flat_grad(model) * args.group_size)
+    return torch.stack(draws)
+
+
+@pytest.fixture(scope="module")
+def long_rollout():
+    """Two completions of 8 tokens, 8 steps, one token a step, often ending in EOS (so L < T)."""
+    model = tiny_model(seed=1, eos_bias=1.0)
+    args = toy_args(completion_length=8, block_length=8, sampling_steps=8, group_size=1, mc_samples=2)
+    rollout = agrpo.generate(model, *prompt(2), args, torch.Generator().manual_seed(5))
+    grads, L = plain_step_gradients(model, rollout, args)
+    assert 0 < L.min() and L.min() < 8, "the fixture should exercise L < T"
+    exact = sum(g.sum(0) / len(g) for g in grads)
+    return model, rollout, args, exact, grads
+
+
+@pytest.mark.parametrize("sampling,low_discrepancy", [("uniform", False), ("entropy", False), ("entropy", True)])
+def test_estimator_unbiased_per_trajectory(long_rollout, sampling, low_discrepancy):
+    model, rollout, base, exact, _ = long_rollout
+    args = dataclasses.replace(base, importance_sampling=sampling, low_discrepancy=low_discrepancy)
+    z = z_scores(estimator_draws(model, rollout, args, 300, seed=7), exact)
+    assert z.abs().max() < 4, z
+
+
+def no_importance_weight(rollout, L, args, generator=None):
+    t, w = PLAIN_SAMPLER(rollout, L, args, generator)
+    return t, torch.ones_like(w)
+
+
+def off_by_one(rollout, L, args, generator=None):
+    """Uniform steps drawn as floor(u (L - 1)): the last step L - 1 is never drawn."""
+    u = torch.rand(L.numel(), args.mc_samples, generator=generator)
+    return (u * (L[:, None] - 1).clamp_min(0)).long(), torch.ones_like(u)
+
+
+def always_last_step(rollout, L, args, generator=None):
+    t = (L[:, None] - 1).clamp_min(0).expand(-1, args.mc_samples)
+    return t, torch.ones(t.shape)
+
+
+PLAIN_SAMPLER = agrpo.sample_timesteps
+
+
+@pytest.mark.parametrize("plant,sampling", [(no_importance_weight, "entropy"), (off_by_one, "uniform")])
+def test_planted_bias_is_rejected_per_trajectory(long_rollout, monkeypatch, plant, sampling):
+    """The same test rejects a biased timestep sampler: it has power."""
+    model, rollout, base, exact, _ = long_rollout
+    monkeypatch.setattr(agrpo, "sample_timesteps", plant)
+    args = dataclasses.replace(base, importance_sampling=sampling)
+    z = z_scores(estimator_draws(model, rollout, args, 300, seed=7), exact)
+    assert z.abs().max() > 8, z
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 1b. Whole policy gradient: enumerate every trajectory, compare with the mean AGRPO gradient
+def toy_reward(tokens):
+    return float((tokens == 1).sum() + 2 * (tokens[-1] == 2))
+
+
+def exact_objectives(model, args, ids=(1, 2)):
+    """Enumerate every trajectory (unmasking order and tokens) of a one-block sampler revealing one token a
+    step; return J = sum p R, J_L = sum p R / L and K = sum p / L, differentiable in the parameters."""
+    C, V, P = args.completion_length, model.config.vocab_size, len(ids)
+    prefix = torch.tensor(ids)
+    sums = [0.0, 0.0, 0.0]
+
+    def policy(state):  # plain path: full logits, top-k by comparison with the k-th largest
+        z = model(input_ids=torch.cat([prefix, state])[None]).logits[0, P:] / args.temperature
+        if args.top_k:
+            z = z.masked_fill(z < z.topk(args.top_k, -1).values[:, -1:], -math.inf)
+        return z.log_softmax(-1)
+
+    def walk(state, revealed, logp):
+        hidden = [i for i in range(C) if revealed[i] < 0]
+        if not hidden:
+            real = [revealed[i] for i in range(C) if state[i] != EOS]
+            L, p, R = (max(real) + 1 if real else 0), logp.exp(), toy_reward(state)
+            sums[0] = sums[0] + p * R
+            if L:
+                sums[1], sums[2] = sums[1] + p * R / L, sums[2] + p / L
+            return
+        logq = policy(state)
+        for i in hidden:  # random unmasking: each hidden position with probability 1 / len(hidden)
+            for v in range(V):
+                if logq[i, v] > -math.inf:
+                    s, r = state.clone(), list(revealed)
+                    s[i], r[i] = v, C - len(hidden)
+                    walk(s, r, logp + logq[i, v] - math.log(len(hidden)))
+
+    walk(torch.full((C,), args.mask_token_id), [-1] * C, torch.zeros(()))
+    return sums
+
+
+def policy_gradient_draws(model, args, groups, seed, baseline):
+    gen = torch.Generator().manual_seed(seed)
+    G = args.group_size
+    rollout = agrpo.generate(model, *prompt(groups * G), args, gen)
+    R = torch.tensor([toy_reward(x) for x in rollout.tokens])
+    A = agrpo.group_advantages(R, G) if baseline == "group" else R
+    draws = []
+    for g in range(groups):
+        agrpo.agrpo_loss(model, rollout[g * G:(g + 1) * G], A[g * G:(g + 1) * G], args, gen)
+        draws.append(-flat_grad(model))
+    return torch.stack(draws)
+
+
+def expected_gradient(model, args, baseline):
+    """E[-grad] = grad J_L for a fixed baseline 0, and (1 - 1/G)(grad J_L - J grad K) for the group mean:
+    the step average weights each trajectory's score by 1/L, and the baseline's own sample is excluded."""
+    J, J_L, K = exact_objectives(model, args)
+    params = list(model.parameters())
+    if baseline == "group":
+        target, scale = J_L - J.detach() * K, 1 - 1 / args.group_size
+    else:
+        target, scale = J_L, 1.0
+    grads = torch.autograd.grad(target, params, allow_unused=True)
+    return scale * torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
+                              for g, p in zip(grads, params)])
+
+
+PG_CASES = {"group-baseline": ("group", {}), "fixed-baseline-top-k": ("fixed", dict(temperature=0.7, top_k=2))}
+
+
+@pytest.mark.parametrize("case", PG_CASES)
+def test_policy_gradient_unbiased(case):
+    baseline, kw = PG_CASES[case]
+    model, args = tiny_model(seed=2, eos_bias=0.5), toy_args(**kw)
+    expected = expected_gradient(model, args, baseline)
+    z = z_scores(policy_gradient_draws(model, args, 300, seed=11, baseline=baseline), expected)
+    assert z.abs().max() < 4, z
+
+
+def test_planted_bias_is_rejected_whole_gradient(monkeypatch):
+    """Always training on the last step L - 1 is biased, and the whole-gradient test sees it."""
+    monkeypatch.setattr(agrpo, "sample_timesteps", always_last_step)
+    model, args = tiny_model(seed=2, eos_bias=0.5), toy_args()
+    expected = expected_gradient(model, args, "group")
+    z = z_scores(policy_gradient_draws(model, args, 600, seed=11, baseline="group"), expected)
+    assert z.abs().max() > 4, z
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 2. Sampler and trainer agree
+@pytest.fixture(scope="module")
+def toy():
+    model, tokenizer = agrpo.toy_model_and_tokenizer(seed=0)
+    return model.eval(), tokenizer
+
+
+def toy_run_args(tokenizer, **kw):
+    base = dict(completion_length=16, block_length=8, sampling_steps=8, mask_token_id=tokenizer.mask_token_id,
+                eos_token_id=tokenizer.eos_token_id, temperature=0.7, top_k=20, top_p=0.9, group_size=2,
+                mc_samples=3, device="cpu", dtype="float32")
+    return Args(**{**base, **kw})
+
+
+def toy_prompts(tokenizer, texts=("12+7=", "a longer prompt: 3*4")):
+    enc = tokenizer(list(texts), padding=True, padding_side="left", return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"]
+
+
+@pytest.mark.parametrize("unmasking", ["random", "low_confidence"])
+def test_recomputed_logprobs_equal_recorded(toy, unmasking):
+    model, tokenizer = toy
+    args = toy_run_args(tokenizer, unmasking=unmasking)
+    rollout = agrpo.generate(model, *toy_prompts(tokenizer), args, torch.Generator().manual_seed(0))
+    assert rollout.support is not None and (rollout.support_size < 20).any(), "top-p must be active"
+    for t in range(args.sampling_steps):
+        logp, pos = agrpo.step_logprobs(model, rollout, torch.full((2,), t), args)
+        assert torch.allclose(logp, rollout.logp.gather(1, pos), atol=1e-5), t
+    metrics = agrpo.agrpo_loss(model, rollout, torch.tensor([1.0, -1.0]), args, torch.Generator().manual_seed(1))
+    model.zero_grad(set_to_none=True)
+    assert metrics["ratio_max_dev"] < 1e-5 and metrics["clip_low"] == metrics["clip_high"] == 0
+
+
+def test_lean_logits_equal_full_logits(toy):
+    """logits_at (output layer on the needed positions only) gives the full path's values and gradients."""
+    model, tokenizer = toy
+    ids, mask = toy_prompts(tokenizer)
+    pos = torch.tensor([[0, 5, 9], [2, 3, 11]])
+    lean = agrpo.logits_at(model, ids, mask, pos)
+    lean.square().sum().backward()
+    g_lean = flat_grad(model)
+    full = model(input_ids=ids, attention_mask=mask).logits.gather(1, pos[..., None].expand(-1, -1, lean.shape[-1]))
+    full.square().sum().backward()
+    assert torch.allclose(lean, full, atol=1e-6) and torch.allclose(g_lean, flat_grad(model), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 3. Sampler invariants and the truncated distribution
+def test_sampler_invariants(toy):
+    model, tokenizer = toy
+    args = toy_run_args(tokenizer, completion_length=24, block_length=8, sampling_steps=12)
+    with torch.no_grad():
+        model.cls.predictions.bias[tokenizer.eos_token_id] += 3.0  # make EOS blocks, hence early exits, likely
+    try:
+        rollout = agrpo.generate(model, *toy_prompts(tokenizer, ["x"] * 8), args, torch.Generator().manual_seed(0))
+        again = agrpo.generate(model, *toy_prompts(tokenizer, ["x"] * 8), args, torch.Generator().manual_seed(0))
+    finally:
+        with torch.no_grad():
+            model.cls.predictions.bias[tokenizer.eos_token_id] -= 3.0
+    T, k, steps_per_block = 12, 2, 4
+    assert all(torch.equal(a, b) for a, b in zip(dataclasses.astuple(rollout)[2:5], dataclasses.astuple(again)[2:5]))
+    assert not (rollout.step == T).all(1).any()
+    exited = 0
+    for b in range(8):
+        s, x = rollout.step[b], rollout.tokens[b]
+        filler = s == T
+        if filler.any():  # early exit: filler starts at a block boundary after an all-EOS block, and is EOS
+            start = int(filler.nonzero()[0])
+            assert start % 8 == 0 and filler[start:].all() and (x[start - 8:] == args.eos_token_id).all()
+            exited += 1
+        for t in range(int(s[~filler].max()) + 1):  # k tokens a step, inside the step's block
+            where = (s == t).nonzero().flatten()
+            assert len(where) == k and (where // 8 == t // steps_per_block).all()
+    assert 0 < exited < 8, "the test should see both early exits and full rows"
+    L = agrpo.trajectory_length(rollout, args)
+    t, w = agrpo.sample_timesteps(rollout, L, args, torch.Generator().manual_seed(0))
+    assert (t < L.clamp_min(1)[:, None]).all() and (w[L == 0] == 0).all()  # filler never enters the loss
+
+
+def test_greedy_is_deterministic(toy):
+    model, tokenizer = toy
+    args = toy_run_args(tokenizer, temperature=0.0, unmasking="low_confidence")
+    a, b = (agrpo.generate(model, *toy_prompts(tokenizer), args, torch.Generator().manual_seed(s)) for s in (0, 1))
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.step, b.step)
+
+
+def test_gumbel_max_draws_from_the_truncated_distribution():
+    """Chi-square of 40,000 draws against softmax(logits / temperature) on the top-k/top-p support."""
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -3.0])
+    args = Args(temperature=0.8, top_k=5, top_p=0.9)
+    z = logits / 0.8
+    p = z.softmax(-1)
+    keep = torch.zeros(6, dtype=torch.bool)
+    for i in z.argsort(descending=True)[:5]:  # most probable first, while the kept mass stays <= top_p
+        keep[i] = not keep.any() or p[keep].sum() + p[i] <= 0.9 * p[z.argsort(descending=True)[:5]].sum() / p[
+            z.argsort(descending=True)[:5]].sum()
+        if not keep[i]:
+            break
+    expected = z.masked_fill(~keep, -math.inf).softmax(-1)
+    tokens, logp, *_ = agrpo.sample_tokens(logits.expand(40000, -1), args, torch.Generator().manual_seed(0))
+    counts = torch.bincount(tokens, minlength=6).double()
+    assert counts[~keep].sum() == 0
+    chi2 = ((counts - 40000 * expected)[keep] ** 2 / (40000 * expected[keep])).sum()
+    assert chi2 < 25, (chi2, counts, expected)  # df <= 4: P(chi2 > 25) < 1e-4
+    assert torch.allclose(logp, expected.log()[tokens], atol=1e-5)
+
+
+def test_all_eos_completion_contributes_nothing():
+    model, args = tiny_model(seed=0), toy_args(completion_length=3, block_length=3, sampling_steps=3)
+    rollout = agrpo.generate(model, *prompt(2), args, torch.Generator().manual_seed(0))
+    rollout.tokens[0] = EOS  # row 0: nothing but EOS, L = 0
+    assert agrpo.trajectory_length(rollout, args)[0] == 0
+    agrpo.agrpo_loss(model, rollout[0:1], torch.tensor([1.0]), args, torch.Generator().manual_seed(0))
+    assert flat_grad(model).abs().max() == 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 4. Rewards (reward.py): correct, wrong, malformed and hostile answers; the offline data generators
+_CD = {"question": "Target: 23\nNumbers: [30, 100, 93]", "nums": [30, 100, 93], "target": 23}
+_GSM = {"question": "How many?", "answer": "18"}
+_MATH = {"question": "Half of one?", "answer": "\\frac{1}{2}"}
+_SUDOKU = {"question": "Puzzle: 0310200404001043", "puzzle": "0310200404001043",
+          "answer": "4312213434211243"}
+_EXAMPLES = {"countdown": _CD, "gsm8k": _GSM, "math500": _MATH, "sudoku": _SUDOKU}
+
+
+def _wrap(answer, think=True):
+    return ("<think>reasoning</think>\n" if think else "") + f"<answer>{answer}</answer>"
+
+
+def _parts(task, completion, example=None):
+    p = reward.reward_parts(task, completion, example or _EXAMPLES[task])
+    return p["format"], p["correct"]
+
+
+@pytest.mark.parametrize("task,answer", [
+    ("countdown", "93 - 100 + 30 = 23"), ("gsm8k", "\\boxed{18}"),
+    ("math500", "\\boxed{\\dfrac{1}{2}}"), ("sudoku", "4312213434211243")])
+def test_reward_correct_answer_gets_full_reward(task, answer):
+    ex = _EXAMPLES[task]
+    assert reward.reward(task, _wrap(answer), ex) == pytest.approx(4.0)
+    assert reward.is_correct(task, _wrap(answer), ex) == 1.0
+    assert _parts(task, _wrap(answer)) == pytest.approx((1.0, 3.0))
+
+
+def test_reward_countdown_format_and_correctness():
+    assert _parts("countdown", _wrap("100 - 93 + 30 = 23")) == pytest.approx((1.0, 0.0))  # = 37
+    assert reward.is_correct("countdown", _wrap("100 - 93 + 30 = 23"), _CD) == 0.0
+    assert _parts("countdown", _wrap("100 - 30 = 23")) == pytest.approx((2 / 3, 0.0))
+    assert _parts("countdown", _wrap("x = 7")) == (0.0, 0.0)
+    assert _parts("countdown", _wrap("93 - 100 + 30")) == (0.0, 0.0)  # no '='
+    assert _parts("countdown", _wrap("93 - 100 + 30 = 23 = 23")) == pytest.approx((0.5, 3.0))
+    assert _parts("countdown", _wrap("-(100 - 93) + 30 = 23")) == pytest.approx((1.0, 3.0))
+    assert _parts("countdown", _wrap("９３ - 100 + 30 = 23")) == pytest.approx((1 / 3, 0.0))
+    assert _parts("countdown", _wrap("93 - 100 + 30 = ２３")) == pytest.approx((2 / 3, 3.0))
+    # exact arithmetic: in floats 1 / 49 * 49 is 0.9999999999999999
+    ex = {"question": "", "nums": [1, 49, 49], "target": 1}
+    assert _parts("countdown", _wrap("1 / 49 * 49 = 1"), ex) == pytest.approx((1.0, 3.0))
+    assert _parts("countdown", _wrap("(1/3)*3*49 = 1"), ex)[1] == 0.0  # wrong numbers
+    ex = {"question": "", "nums": [5, 5, 9], "target": 9}
+    assert _parts("countdown", _wrap("9 / (5 - 5) = 9"), ex) == pytest.approx((1.0, 0.0))
+    assert _parts("countdown", _wrap("9 ** 5 - 5 = 9"), ex) == pytest.approx((1.0, 0.0))
+
+
+def test_reward_last_answer_block_is_graded():
+    good, bad = _wrap("93 - 100 + 30 = 23"), "<answer>1 = 2</answer>"
+    assert reward.reward("countdown", bad + good, _CD) == pytest.approx(4.0)
+    assert reward.reward("countdown", good + bad, _CD) == pytest.approx(1 / 3)
+    assert reward.reward("countdown", "<ANSWER>93 - 100 + 30 = 23</Answer>", _CD) == 4.0
+
+
+@pytest.mark.parametrize("task", reward.TASKS)
+def test_reward_malformed_gets_low_reward(task):
+    right = {"countdown": "93 - 100 + 30 = 23", "gsm8k": "\\boxed{18}",
+             "math500": "\\boxed{\\frac{1}{2}}", "sudoku": "4312213434211243"}[task]
+    think_only = 0.5 if task in ("gsm8k", "math500") else 0.0
+    for completion in ("", right, "<answer>" + right, right + "</answer>",
+                       "<think>x</think><answer>" + right):
+        expected = think_only if completion.startswith("<think>") else 0.0
+        assert reward.reward(task, completion, _EXAMPLES[task]) == expected
+        assert reward.is_correct(task, completion, _EXAMPLES[task]) == 0.0
+    long_answer = _wrap(right + " " * reward.MAX_ANSWER_CHARS + ".")
+    assert reward.reward(task, long_answer, _EXAMPLES[task]) == think_only
+
+
+def test_reward_math_matching():
+    assert _parts("gsm8k", _wrap("\\boxed{17}")) == (1.0, 0.0)
+    assert _parts("gsm8k", _wrap("\\boxed{18}", think=False)) == (0.5, 3.0)
+    for ok in ("\\boxed{\\$18.00}", "\\boxed{18 dollars}", "18", "\\boxed{\\text{18 apples}}"):
+        assert reward.is_correct("gsm8k", _wrap(ok), _GSM) == 1.0, ok
+    assert reward.is_correct("gsm8k", _wrap("\\boxed{1,000}"), {"answer": "1000"}) == 1.0
+    for ok in ("\\boxed{0.5}", "\\boxed{\\frac12}", "\\boxed{1/2}", "$\\boxed{\\tfrac{1}{2}}$."):
+        assert reward.is_correct("math500", _wrap(ok), _MATH) == 1.0, ok
+    for wrong in ("\\boxed{\\frac{1}{3}}", "\\boxed{1/0}", "\\boxed{", "\\boxed{}", "0.5000001"):
+        assert reward.is_correct("math500", _wrap(wrong), _MATH) == 0.0, wrong
+    ex = {"answer": "\\left( 3, \\frac{\\pi}{2} \\right)"}
+    assert reward.is_correct("math500", _wrap("\\boxed{(3,\\frac{\\pi}{2})}"), ex) == 1.0
+    assert reward.is_correct("math500", _wrap("\\boxed{x = 5}"), {"answer": "5"}) == 1.0
+    assert reward.is_correct("math500", _wrap("\\boxed{5x}"), {"answer": "5"}) == 0.0
+
+
+def test_reward_sudoku_partial_credit():
+    # swap two filled-in cells (0 and 3 are both empty in row 1): row 1 becomes 2314
+    grid = "2314" + _SUDOKU["answer"][4:]
+    assert _parts("sudoku", _wrap(grid)) == pytest.approx((1.0, 3.0 * 6 / 8))
+    assert reward.is_correct("sudoku", _wrap(grid), _SUDOKU) == pytest.approx(6 / 8)
+    assert _parts("sudoku", _wrap("4312 2134\n3421 1243")) == (1.0, 3.0)  # whitespace ignored
+    assert _parts("sudoku", _wrap("1" + _SUDOKU["answer"][1:])) == (0.75, 3.0 * 7 / 8)
+    assert _parts("sudoku", _wrap("4" + "3" * 15)) == (0.25, 3.0 * 3 / 8)  # breaks givens
+    assert _parts("sudoku", _wrap("4312")) == (0.0, 3.0 * 2 / 8)
+    assert _parts("sudoku", _wrap("４312213434211243")) == (0.75, 3.0 * 7 / 8)
+
+
+def test_reward_unknown_task_raises():
+    for call in (lambda: reward.reward("chess", "", {}), lambda: reward.is_correct("x", "", {}),
+                 lambda: reward.prompt_messages("x", {}),
+                 lambda: reward.load_examples("x", "test", "synthetic")):
+        with pytest.raises(ValueError, match="countdown, gsm8k, math500, sudoku"):
+            call()
+
+
+_HOSTILE = [
+    "<answer>" + "(" * 10000 + "1" + ")" * 10000 + " = 5</answer>",
+    "<answer>" + "(" * 95 + "30+100-93" + ")" * 95 + " = 37</answer>",
+    "x" * 1_000_000 + "<answer>100 - 93 + 30 = 23</answer>",
+    "<answer>" * 200_000, "</answer>" * 200_000, "<think>" * 200_000,
+    "<answer>" + "1" * 1_000_000 + "</answer>",
+    "<answer>2**99999 = 5</answer>", "<answer>9**9**9**9 = 5</answer>",
+    "<answer>__import__('os').system('x') = 23</answer>",
+    "<answer>f(30)+g.h[100]-93 = 23</answer>", "<answer>lambda: 30 = 23</answer>",
+    "<answer>３０ + １００ - ９３ = 23</answer>",
+    "<answer>٣٠ + ١٠٠ - ٩٣ = ٢٣</answer>",
+    "<answer>" + "9" * 500 + " - " + "9" * 500 + " = 0</answer>",
+    "<answer>9/0 = 23</answer>", "<answer>30/(100-100)*93 = 23</answer>",
+    "<answer>" + "-" * 151 + "(93 - 100 + 30) = 23</answer>",
+    "<answer>\\boxed{" * 10000 + "18" + "}" * 10000 + "</answer>",
+    "<answer>" + "\\boxed{" * 100 + "18</answer>",
+    "<answer>\\boxed{1e999999}</answer>", "<answer>\\boxed{" + "9" * 5000 + "}</answer>",
+    "<answer>\\boxed{" + "1" * 40 + "/" + "3" * 40 + "}</answer>",
+    "<answer>\0\0\0\0</answer>\0", "<answer>12\x003\x00 = 23</answer>",
+    "\ud800<answer>\udfff</answer>",
+    "<answer>" + "=" * 999 + "</answer>", "<answer>" + "(" * 199 + "</answer>",
+    "<answer>" + "İ" * 5000 + "</answer>",
+]
+
+
+def test_reward_hostile_completions_are_fast_finite_and_wrong():
+    # sudoku: the empty cells all hold a 4 and no hostile text contains an ASCII 4
+    only_fours = dict(_SUDOKU, puzzle=_SUDOKU["answer"].replace("4", "0"))
+    assert "4" not in "".join(_HOSTILE)
+    worst = 0.0
+    for task, ex in dict(_EXAMPLES, sudoku=only_fours).items():
+        for completion in _HOSTILE:
+            for score in (reward.reward, reward.is_correct):
+                start = time.perf_counter()
+                value = score(task, completion, ex)
+                worst = max(worst, time.perf_counter() - start)
+                assert isinstance(value, float) and math.isfinite(value)
+            assert reward.is_correct(task, completion, ex) == 0.0, (task, completion[:60])
+    print(f"slowest hostile call: {worst * 1000:.2f} ms")
+    assert worst < 0.05
+
+
+def test_reward_fuzz_never_raises():
+    rng = random.Random(0)
+    pieces = ["<answer>", "</answer>", "<think>", "</think>", "=", "(", ")", "+", "-", "*",
+              "/", "**", " ", "\\boxed{", "}", "{", "0", "1", "23", "93", "100", "30", "٣",
+              "\0", "\\frac", "$", ",", ".", "e9", "x", "\n"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
+        for task, ex in _EXAMPLES.items():
+            value = reward.reward(task, text, ex)
+            assert math.isfinite(value) and -0.5 <= value <= 4.0
+
+
+def test_reward_prompt_messages():
+    for task, ex in _EXAMPLES.items():
+        system, user = reward.prompt_messages(task, ex)
+        assert (system["role"], user["role"]) == ("system", "user")
+        assert user["content"] == ex["question"]
+        assert "<think>" in system["content"] and "<answer>" in system["content"]
+        assert len(system["content"]) < 300
+    assert "\\boxed{}" in reward.prompt_messages("math500", _MATH)[0]["content"]
+    assert "expression = target" in reward.prompt_messages("countdown", _CD)[0]["content"]
+    assert "16 digits" in reward.prompt_messages("sudoku", _SUDOKU)[0]["content"]
+
+
+def test_data_solvers():
+    assert reward.solve_countdown([30, 100, 93], 23) is not None
+    assert reward.solve_countdown([1, 1, 1], 100) is None
+    assert reward.count_sudoku_solutions("0" * 16, limit=1000) == 288  # all 4x4 grids
+    assert reward.count_sudoku_solutions(_SUDOKU["puzzle"]) == 1
+    assert reward.count_sudoku_solutions("11" + "0" * 14) == 0
+    with pytest.raises(ValueError):
+        reward.count_sudoku_solutions("5" * 16)
+
+
+def test_data_synthetic_is_deterministic_and_disjoint():
+    for task in reward.SYNTHETIC_TASKS:
+        test = reward.load_examples(task, "test", "synthetic")
+        train = reward.load_examples(task, "train", "synthetic", n=300, seed=1)
+        assert len(test) == 256 and len(train) == 300
+        assert test == reward.load_examples(task, "test", "synthetic", seed=5)
+        assert train == reward.load_examples(task, "train", "synthetic", n=300, seed=1)
+        assert train != reward.load_examples(task, "train", "synthetic", n=300, seed=2)
+        assert reward.load_examples(task, "train", "synthetic", n=10, seed=1) == train[:10]
+        key = (lambda e: (tuple(sorted(e["nums"])), e["target"])) if task == "countdown" \
+            else (lambda e: e["puzzle"])
+        test_keys = {key(e) for e in test}
+        assert len(test_keys) == 256 and not test_keys & {key(e) for e in train}
+
+
+def test_data_synthetic_countdown_solvable():
+    problems = reward.load_examples("countdown", "test", "synthetic") + \
+        reward.load_examples("countdown", "train", "synthetic", n=100)
+    for ex in problems:
+        assert len(ex["nums"]) == 3 and all(1 <= n <= 100 for n in ex["nums"])
+        assert isinstance(ex["target"], int) and 1 <= ex["target"] <= 1000
+        expr = reward.solve_countdown(ex["nums"], ex["target"])
+        assert expr is not None
+        assert reward.reward("countdown", _wrap(f"{expr} = {ex['target']}"), ex) == 4.0
+        assert ex["question"] == f"Target: {ex['target']}\nNumbers: {ex['nums']}"
+
+
+def test_data_synthetic_sudoku_unique_and_consistent():
+    units = [[r * 4 + c for c in range(4)] for r in range(4)] + \
+        [[r * 4 + c for r in range(4)] for c in range(4)] + \
+        [[r * 4 + c for r in rows for c in cols] for rows in ((0, 1), (2, 3))
+         for cols in ((0, 1), (2, 3))]
+    for ex in reward.load_examples("sudoku", "test", "synthetic"):
+        puzzle, answer = ex["puzzle"], ex["answer"]
+        assert reward.count_sudoku_solutions(puzzle) == 1
+        assert all(p in ("0", a) for p, a in zip(puzzle, answer))
+        assert all({answer[i] for i in unit} == set("1234") for unit in units)
+        assert 6 <= puzzle.count("0") <= 12
+        assert reward.reward("sudoku", _wrap(answer), ex) == 4.0
+
+
+def test_data_synthetic_missing_for_math_tasks():
+    for task in ("gsm8k", "math500"):
+        with pytest.raises(reward.DataUnavailable, match="only for countdown and sudoku"):
+            reward.load_examples(task, "train", "synthetic")
+
+
+def test_data_hub_without_datasets_library(monkeypatch):
+    monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
+    with pytest.raises(reward.DataUnavailable, match="pass --data synthetic"):
+        reward.load_examples("countdown", "test", "hub")
+
+
+def test_data_hub_offline_fails_fast(monkeypatch, tmp_path):
+    datasets = pytest.importorskip("datasets")
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)  # nothing cached
+    for task in reward.TASKS:
+        for split in ("train", "test"):
+            start = time.perf_counter()
+            with pytest.raises(reward.DataUnavailable, match="could not load .*check the network"):
+                reward.load_examples(task, split, "hub")
+            assert time.perf_counter() - start < 5
+
+
+def test_data_hub_rows_are_converted_and_test_problems_removed(monkeypatch):
+    cd_train, sudoku_row = "Jiayi-Pan/Countdown-Tasks-3to4", {"Puzzle": 310200404001043,
+                                                             "Solution": 4312213434211243}
+    tables = {  # rows as `datasets` yields them; csv columns arrive as ints
+        reward.CD3_TEST_URL: [{"input": "30,100,93", "output": "23"}],
+        cd_train: [{"nums": [93, 30, 100], "target": 7}, {"nums": [1, 2, 3], "target": 6},
+                   {"nums": [1, 2, 3, 4], "target": 10}],
+        "openai/gsm8k": [{"question": "q", "answer": "work\n#### 1,000"}],
+        "HuggingFaceH4/MATH-500": [{"problem": "p1", "answer": "5"}],
+        "qwedsacf/competition_math": [
+            {"problem": "p1", "level": "Level 1", "solution": "\\boxed{5}"},
+            {"problem": "p2", "level": "Level 5", "solution": "\\boxed{2}"},
+            {"problem": "p3", "level": "Level 2", "solution": "so \\boxed{\\frac{1}{2}}."},
+            {"problem": "p4", "level": "Level ?", "solution": "\\boxed{1}"},
+            {"problem": "p5", "level": "Level 3", "solution": "no box"}],
+        reward.SUDOKU_URLS["train"]: [sudoku_row], reward.SUDOKU_URLS["test"]: [sudoku_row],
+    }
+    calls = []
+
+    def load_dataset(path, name=None, data_files=None, split=None):
+        calls.append((path, name, split))
+        return tables[data_files or path]
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    load = reward.load_examples
+    assert load("countdown", "test", "hub") == [
+        {"question": "Target: 23\nNumbers: [30, 100, 93]", "nums": [30, 100, 93], "target": 23}]
+    assert load("countdown", "train", "hub") == [
+        {"question": "Target: 6\nNumbers: [1, 2, 3]", "nums": [1, 2, 3], "target": 6}]
+    assert (cd_train, None, "train[:20000]") in calls
+    assert load("gsm8k", "test", "hub") == [{"question": "q", "answer": "1,000"}]
+    assert ("openai/gsm8k", "main", "test") in calls
+    assert load("math500", "test", "hub") == [{"question": "p1", "answer": "5"}]
+    assert load("math500", "train", "hub") == [{"question": "p3", "answer": "\\frac{1}{2}"}]
+    sudoku = {"question": "Puzzle: 0310200404001043", "puzzle": "0310200404001043",
+              "answer": "4312213434211243"}
+    assert load("sudoku", "train", "hub") == load("sudoku", "test", "hub", n=1) == [sudoku]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 5. End to end
+def test_toy_model_learns_a_toy_reward():
+    """Rewarding the number of token 1 in the completion: 40 AGRPO steps raise its share clearly."""
+    model = tiny_model(seed=0, vocab=4)
+    args = toy_args(completion_length=6, block_length=6, sampling_steps=6, group_size=4, mc_samples=2)
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
+    gen = torch.Generator().manual_seed(0)
+    history = []
+    for _ in range(40):
+        rollout = agrpo.generate(model, *prompt(4 * args.group_size), args, gen)
+        rewards = (rollout.tokens == 1).float().mean(1)
+        agrpo.agrpo_loss(model, rollout, agrpo.group_advantages(rewards, args.group_size), args, gen, scale=1 / 4)
+        optimizer.step()
+        optimizer.zero_grad()
+        history.append(rewards.mean().item())
+    before, after = sum(history[:5]) / 5, sum(history[-5:]) / 5
+    assert after > before + 0.3, history
+
+
+def test_main_runs_logs_and_checkpoints(tmp_path):
+    out = tmp_path / "run"
+    agrpo.main(["--task", "countdown", "--model", "toy", "--max-steps", "2", "--output-dir", str(out)])
+    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [m["step"] for m in lines] == [1, 2]
+    for key in ("reward", "reward_format", "accuracy", "completion_length", "clip_low", "grad_norm", "lr",
+                "seconds_generate", "seconds_train"):
+        assert all(math.isfinite(m[key]) for m in lines), key
+    state = torch.load(out / "checkpoint" / "state.pt")
+    assert state["step"] == 2 and state["model"] and json.load(open(out / "checkpoint" / "args.json"))["model"] == "toy"
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--completion-length", "10", "--block-length", "4"], "must be a multiple"),
+    (["--device", "cuda:0", "--model", "x"], "CUDA is not available"),
+    (["--task", "gsm8k", "--model", "toy"], "no synthetic data"),
+])
+def test_bad_input_ends_with_one_clear_message(argv, message):
+    if "cuda" in " ".join(argv) and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(SystemExit, match=message):
+        agrpo.main(argv)
