@@ -15,6 +15,7 @@ runs the whole method offline on a CPU in seconds.
 """
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -26,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
@@ -50,6 +52,7 @@ class Args:
     dtype: Literal["bfloat16", "float32"] = arg("bfloat16", "Model weights' dtype.")
     mask_token_id: int = arg(126336, "Id of the mask token (LLaDA: 126336).")
     eos_token_id: Optional[int] = arg(None, "Id of EOS; default: the model config's.")
+    train_examples: int = arg(0, "Train on the first N training examples only (0: all).")
     seed: int = arg(333, "Seed of every random generator.")
     output_dir: str = arg("runs/agrpo", "Where metrics.jsonl and checkpoints go.")
     # LoRA (section 4)
@@ -88,13 +91,34 @@ class Args:
     num_iterations: int = arg(1, "Gradient steps per batch of rollouts.")
     scale_rewards: Literal["none", "std"] = arg("none", "'std' divides advantages by the group std (GRPO); "
                                                 "the authors only centre them.")
-    save_every: int = arg(0, "Save a checkpoint every N steps (0: only at the end).")
+    activation_checkpointing: bool = arg(False, "Recompute activations in the backward pass (saves memory).")
+    # evaluation (section 4: greedy, low-confidence decoding of C=256 in blocks of 32)
+    eval_every: int = arg(0, "Evaluate on the test split every N steps, at the start and at the end (0: never).")
+    eval_only: bool = arg(False, "Only evaluate (the bare model, or the one restored by --resume).")
+    eval_sampling_steps: str = arg("128", "Comma-separated step counts T to evaluate at, e.g. 128,64,32.")
+    eval_completion_length: int = arg(256, "Completion length C for evaluation.")
+    eval_block_length: int = arg(32, "Block length BL for evaluation.")
+    eval_unmasking: Literal["random", "low_confidence"] = arg("low_confidence", "Unmasking for evaluation.")
+    eval_temperature: float = arg(0.0, "Temperature for evaluation (0 = greedy).")
+    eval_batch_size: int = arg(16, "Test prompts per forward pass.")
+    eval_examples: int = arg(0, "Evaluate on the first N test examples only (0: all).")
+    # checkpoints
+    save_every: int = arg(15, "Save a checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = arg(3, "Keep the newest N checkpoints.")
+    resume: Optional[str] = arg(None, "Continue from a checkpoint directory, or 'latest' in --output-dir.")
+    export: Optional[str] = arg(None, "Write the model (adapters merged, transformers format) to this path "
+                                "and exit; with --resume, the trained one.")
+
+    @property
+    def eval_steps(self):
+        return [int(t) for t in str(self.eval_sampling_steps).split(",")]
 
 
 # `--model toy`: a CPU-sized run. Applied to the fields still at their defaults.
 TOY = dict(data="synthetic", device="cpu", dtype="float32", mask_token_id=2, lora_rank=0, learning_rate=3e-4,
            prompts_per_step=4, group_size=4, micro_batch_size=16, completion_length=32, block_length=8,
-           sampling_steps=16, mc_samples=4, top_k=0, top_p=1.0, temperature=1.0)
+           sampling_steps=16, mc_samples=4, top_k=0, top_p=1.0, temperature=1.0, eval_completion_length=32,
+           eval_block_length=8, eval_sampling_steps="16", eval_examples=32)
 
 
 def check_sampler(args):
@@ -115,6 +139,12 @@ def check(args):
         raise ValueError("need --group-size >= 2, --mc-samples >= 1 and --num-iterations >= 1")
     if args.beta > 0 and args.lora_rank == 0:
         raise ValueError("--beta > 0 needs LoRA (--lora-rank > 0): the reference is the model, adapters off")
+    try:
+        for steps in args.eval_steps:
+            check_sampler(dataclasses.replace(args, completion_length=args.eval_completion_length,
+                                              block_length=args.eval_block_length, sampling_steps=steps))
+    except ValueError as e:
+        raise ValueError(f"evaluation settings: {e}".replace("--", "--eval-")) from None
     if args.micro_batch_size <= 0 or args.prompts_per_step * args.group_size % args.micro_batch_size:
         raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide prompts x group size "
                          f"({args.prompts_per_step} x {args.group_size})")
@@ -160,6 +190,9 @@ def add_lora(model, args):
             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
     if not hits:
         raise ValueError(f"no linear layer of the model is named any of {sorted(targets)}; set --lora-targets")
+    tied = [name for name, m in hits if m.weight is model.get_input_embeddings().weight]
+    if tied:  # merging an adapter into a tied output layer would change the input embeddings too
+        raise ValueError(f"{tied[0]} shares its weight with the input embeddings; leave it out of --lora-targets")
     for name, module in hits:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child,
@@ -419,11 +452,12 @@ def step_logprobs(model, rollout, t, args):
     return z.gather(-1, token[..., None]).squeeze(-1) - norm, pos
 
 
-def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0):
+def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0, sync=True):
     """AGRPO's policy-gradient step for one micro-batch: sample M timesteps per completion, and for each
     rebuild s_t, recompute the log-probs of the tokens revealed at t, form the PPO-clipped term (plus beta
     times the k3 KL to the reference) and back-propagate (term * weight) * scale / (M * G) at once, so memory
-    stays flat. Returns metrics."""
+    stays flat. Under DDP the gradients are all-reduced only in the last backward pass, and only if `sync`.
+    Returns metrics."""
     M, G, k = args.mc_samples, args.group_size, geometry(args)[2]
     L = trajectory_length(rollout, args)
     t, weight = sample_timesteps(rollout, L, args, generator)
@@ -440,7 +474,8 @@ def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0):
             term = term + args.beta * kl * ratio
             stats[3] += kl.detach().mean() / M
         loss = (term * weight[:, m, None]).sum() * scale / (M * G)
-        loss.backward()
+        with contextlib.nullcontext() if (sync and m == M - 1) or not hasattr(model, "no_sync") else model.no_sync():
+            loss.backward()
         with torch.no_grad():
             stats[0] += loss
             stats[1] += ((ratio < 1 - args.epsilon) & (adv < 0)).float().mean() / M
@@ -451,6 +486,22 @@ def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0):
 
 # ----------------------------------------------------------------------------------------------------------
 # 5. Training loop (section 4)
+def world():
+    """(rank, number of processes); torchrun starts one process per GPU."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def keyed_generator(args, *key):
+    """A generator seeded by (seed, *key). Every draw of a step is fixed by the step and the global index of
+    the micro-batch, so results do not depend on the number of GPUs and a resumed run needs no RNG state."""
+    return torch.Generator(args.device).manual_seed(random.Random(str((args.seed, *key))).getrandbits(63))
+
+
+def synchronize(args):
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 def tokenize_prompts(tokenizer, examples, args):
     texts = [tokenizer.apply_chat_template(tasks.prompt_messages(args.task, ex), add_generation_prompt=True,
                                            tokenize=False) for ex in examples]
@@ -458,76 +509,194 @@ def tokenize_prompts(tokenizer, examples, args):
     return enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
 
 
-def prompt_stream(examples, seed):
-    """Examples in a fresh seeded order every epoch, forever."""
-    rng = random.Random(seed)
-    while True:
-        order = list(range(len(examples)))
-        rng.shuffle(order)
-        yield from (examples[i] for i in order)
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    order = list(range(n))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
 
 
-def rl_step(model, tokenizer, optimizer, schedule, batch, args, generator):
-    """One AGRPO step: generate G completions per prompt, score them, then num_iterations gradient steps."""
-    G, mb = args.group_size, args.micro_batch_size
+def prompts_at(examples, seed, position, count):
+    """Prompts number position .. position + count - 1 of an endless stream that visits the examples in a
+    fresh seeded order every epoch."""
+    return [examples[epoch_order(len(examples), seed, p // len(examples))[p % len(examples)]]
+            for p in range(position, position + count)]
+
+
+def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
+    """One AGRPO step on this process's whole prompt groups: generate G completions per prompt, score them,
+    then num_iterations gradient steps, with gradients all-reduced once per step under DDP."""
+    rank, size = world()
+    batch = batch[rank * len(batch) // size:(rank + 1) * len(batch) // size]
+    G, mb, raw = args.group_size, args.micro_batch_size, getattr(model, "module", model)
     examples = [ex for ex in batch for _ in range(G)]
+    first = rank * len(examples) // mb  # global index of this process's first micro-batch
     clock = time.perf_counter()
-    model.eval()
-    rollouts = []
-    for i in range(0, len(examples), mb):
-        prompt_ids, prompt_mask = tokenize_prompts(tokenizer, examples[i:i + mb], args)
-        rollouts.append(generate(model, prompt_ids, prompt_mask, args, generator))
+    raw.eval()
+    rollouts = [generate(raw, *tokenize_prompts(tokenizer, examples[i:i + mb], args), args,
+                         keyed_generator(args, step, 0, first + i // mb)) for i in range(0, len(examples), mb)]
+    synchronize(args)
     seconds = {"generate": time.perf_counter() - clock}
 
     clock = time.perf_counter()
-    scored = [score(tokenizer, r, examples[i * mb:(i + 1) * mb], args) for i, r in enumerate(rollouts)]
-    parts, texts = torch.cat([p for p, _ in scored]), [s for _, ts in scored for s in ts]
+    texts = [t for r in rollouts for t in tokenizer.batch_decode(r.tokens, skip_special_tokens=True)]
+    parts = torch.tensor([list(tasks.reward_parts(args.task, t, ex).values()) for t, ex in zip(texts, examples)])
     rewards = parts.sum(1)
     advantages = group_advantages(rewards, G, args.scale_rewards).to(args.device)
-    correct = torch.tensor([tasks.is_correct(args.task, s, ex) for s, ex in zip(texts, examples)])
+    correct = torch.tensor([tasks.is_correct(args.task, t, ex) for t, ex in zip(texts, examples)])
     seconds["score"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for _ in range(args.num_iterations):
-        metrics = [agrpo_loss(model, r, advantages[i * mb:(i + 1) * mb], args, generator,
-                              scale=1 / len(batch)) for i, r in enumerate(rollouts)]
+    for it in range(args.num_iterations):
+        losses = [agrpo_loss(model, r, advantages[i * mb:(i + 1) * mb], args,
+                             keyed_generator(args, step, 1 + it, first + i), scale=1 / len(batch),
+                             sync=i == len(rollouts) - 1) for i, r in enumerate(rollouts)]
         grad_norm = nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+    synchronize(args)
     seconds["train"] = time.perf_counter() - clock
 
-    lengths = torch.cat([(r.tokens != args.eos_token_id).sum(1) for r in rollouts]).float()
     spread = rewards.view(-1, G).std(1)
-    out = {"reward": rewards.mean().item(), "reward_format": parts[:, 0].mean().item(),
-           "reward_correct": parts[:, 1].mean().item(), "accuracy": correct.mean().item(),
-           "reward_std": spread.mean().item(), "zero_spread_groups": (spread == 0).float().mean().item(),
-           "advantage_abs": advantages.abs().mean().item(), "completion_length": lengths.mean().item(),
-           "grad_norm": grad_norm.item(), "lr": schedule.get_last_lr()[0],
-           "loss": sum(m["loss"] for m in metrics)}
-    out.update({key: sum(m[key] for m in metrics) / len(metrics) for key in ("clip_low", "clip_high", "kl")})
-    out.update({f"seconds_{k}": v for k, v in seconds.items()})
-    return out, texts
+    metrics = {"reward": rewards.mean(), "reward_format": parts[:, 0].mean(), "reward_correct": parts[:, 1].mean(),
+               "accuracy": correct.mean(), "reward_std": spread.mean(), "zero_spread_groups": (spread == 0).double().mean(),
+               "advantage_abs": advantages.abs().mean(), "advantage_min": advantages.min(),
+               "advantage_max": advantages.max(), "loss": sum(m["loss"] for m in losses),
+               "completion_length": torch.cat([(r.tokens != args.eos_token_id).sum(1) for r in rollouts]).double().mean(),
+               "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0]}
+    metrics.update({k: sum(m[k] for m in losses) / len(losses) for k in ("clip_low", "clip_high", "kl")})
+    metrics.update({f"seconds_{k}": v for k, v in seconds.items()})
+    metrics["tokens_per_second"] = len(examples) * args.completion_length / sum(seconds.values())
+    if args.device.startswith("cuda"):
+        metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    return mean_over_ranks(metrics, args)
 
 
-def save_checkpoint(path, model, optimizer, schedule, step, args):
-    """Trainable weights (the adapters under LoRA), optimizer, schedule and step, written atomically:
-    into a temporary directory first, then renamed into place."""
-    tmp = path + ".tmp"
+def mean_over_ranks(metrics, args):
+    """Plain floats, averaged over processes (peak memory: the maximum)."""
+    values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=args.device)
+    if world()[1] > 1:
+        peak = values.clone()
+        dist.all_reduce(values)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        values = torch.where(torch.tensor([k == "peak_memory_gb" for k in metrics], device=values.device),
+                             peak, values / world()[1])
+    return dict(zip(metrics, values.tolist()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 6. Evaluation (section 4: C=256, BL=32, T=128, low_confidence, greedy)
+@torch.no_grad()
+def evaluate(model, tokenizer, examples, args, steps, path):
+    """Decode the test prompts with the evaluation settings at `steps` sampling steps and grade them with
+    reward.is_correct. Each process takes every size-th example; rank 0 writes one JSON line per example."""
+    rank, size = world()
+    eval_args = dataclasses.replace(args, completion_length=args.eval_completion_length, sampling_steps=steps,
+                                    block_length=args.eval_block_length, unmasking=args.eval_unmasking,
+                                    temperature=args.eval_temperature)
+    raw = getattr(model, "module", model).eval()
+    mine, rows, seconds = examples[rank::size], [], 0.0
+    for i in tqdm(range(0, len(mine), args.eval_batch_size), desc=f"eval T={steps}", disable=rank > 0,
+                  leave=False):
+        chunk = mine[i:i + args.eval_batch_size]
+        clock = time.perf_counter()
+        rollout = generate(raw, *tokenize_prompts(tokenizer, chunk, args), eval_args,
+                           keyed_generator(args, -1, steps, rank, i))
+        synchronize(args)
+        seconds += time.perf_counter() - clock
+        texts = tokenizer.batch_decode(rollout.tokens, skip_special_tokens=True)
+        lengths = (rollout.tokens != args.eos_token_id).sum(1).tolist()
+        rows += [{"question": ex["question"], "completion": text, "length": n,
+                  "score": tasks.is_correct(args.task, text, ex)} for ex, text, n in zip(chunk, texts, lengths)]
+    if size > 1:
+        gathered = [None] * size
+        dist.all_gather_object(gathered, (rows, seconds))
+        rows, seconds = [r for part, _ in gathered for r in part], sum(s for _, s in gathered)
+    if rank == 0:
+        with open(path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+    n = max(len(rows), 1)
+    return {f"eval_T{steps}_accuracy": sum(r["score"] for r in rows) / n,
+            f"eval_T{steps}_completion_length": sum(r["length"] for r in rows) / n,
+            f"eval_T{steps}_seconds_per_completion": seconds / n}
+
+
+def evaluate_all(model, tokenizer, examples, args, step):
+    out = {}
+    for steps in args.eval_steps:
+        out.update(evaluate(model, tokenizer, examples, args, steps,
+                            os.path.join(args.output_dir, f"eval-step{step}-T{steps}.jsonl")))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Checkpoints: atomic, resumable, exportable
+STRUCTURE = ("model", "task", "dtype", "lora_rank", "lora_alpha", "lora_targets")  # must match to resume
+
+
+def checkpoints(output_dir):
+    found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()] \
+        if os.path.isdir(output_dir) else []
+    return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d[11:]))]
+
+
+def save_checkpoint(model, optimizer, schedule, step, prompts_seen, args):
+    """output_dir/checkpoint-<step>: trainable weights (the adapters under LoRA), optimizer, schedule, step,
+    data position and the resolved config. Written into a temporary directory that is then renamed, so a
+    crash mid-write never leaves a checkpoint that loads wrong; the newest keep_checkpoints are kept."""
+    raw = getattr(model, "module", model)
+    final = os.path.join(args.output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    torch.save({"model": {n: v for n, v in model.state_dict().items() if n in trainable},
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step},
-               os.path.join(tmp, "state.pt"))
+    torch.save({"model": {n: p.detach() for n, p in raw.named_parameters() if p.requires_grad},
+                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
+                "prompts_seen": prompts_seen}, os.path.join(tmp, "state.pt"))
     with open(os.path.join(tmp, "args.json"), "w") as f:
         json.dump(dataclasses.asdict(args), f, indent=1)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a resume
+    os.replace(tmp, final)
+    for old in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
+        shutil.rmtree(old)
 
 
+def load_checkpoint(path, model, optimizer, schedule, args):
+    """Restore a checkpoint (a path, or 'latest' in output_dir); returns (step, prompts seen)."""
+    if path == "latest":
+        found = checkpoints(args.output_dir)
+        if not found:
+            raise SystemExit(f"agrpo: no checkpoint in {args.output_dir} to resume; drop --resume to start anew")
+        path = found[-1]
+    try:
+        with open(os.path.join(path, "args.json")) as f:
+            saved = json.load(f)
+        state = torch.load(os.path.join(path, "state.pt"), map_location=args.device, weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"agrpo: checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
+                         "resume from an earlier one")
+    changed = [f"--{k} {saved.get(k)!r} (now {getattr(args, k)!r})" for k in STRUCTURE if saved.get(k) != getattr(args, k)]
+    raw = getattr(model, "module", model)
+    trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
+    if changed or set(state["model"]) != trainable:
+        raise SystemExit(f"agrpo: checkpoint {path} does not match this model: it was trained with "
+                         f"{', '.join(changed) or 'other trainable weights'}; pass the same settings")
+    raw.load_state_dict(state["model"], strict=False)
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return state["step"], state["prompts_seen"]
+
+
+def export(model, tokenizer, path):
+    """Fold the adapters into the weights and write a transformers model that from_pretrained loads back."""
+    merge_lora(getattr(model, "module", model)).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 8. Putting it together
 def parse_args(argv=None):
     from transformers import HfArgumentParser
     parser = HfArgumentParser(Args)
@@ -545,14 +714,33 @@ def parse_args(argv=None):
     return args
 
 
+def init_distributed(args):
+    """Under torchrun (RANK is set): one process per GPU, NCCL on GPUs and gloo on CPUs."""
+    if "RANK" not in os.environ:
+        return
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if cuda else "gloo")
+
+
 def setup(args):
     """Everything that can fail for reasons outside the code, each failure one clear sentence."""
     check(args)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("agrpo: CUDA is not available here. LLaDA-8B needs a GPU (see README); "
                          "for an offline CPU run use --model toy --device cpu")
+    init_distributed(args)
+    size = world()[1]
+    if args.prompts_per_step % size or args.prompts_per_step // size * args.group_size % args.micro_batch_size:
+        raise ValueError(f"{size} processes need --prompts-per-step divisible by {size}, and --micro-batch-size "
+                         f"dividing each process's {args.prompts_per_step // size} x {args.group_size} completions")
     try:
-        examples = tasks.load_examples(args.task, "train", args.data, seed=args.seed)
+        train = [] if args.eval_only else \
+            tasks.load_examples(args.task, "train", args.data, n=args.train_examples or None, seed=args.seed)
+        test = tasks.load_examples(args.task, "test", args.data, n=args.eval_examples or None) \
+            if args.eval_every or args.eval_only else []
     except tasks.DataUnavailable as e:
         raise SystemExit(f"agrpo: {e}")
     try:
@@ -560,43 +748,84 @@ def setup(args):
     except (OSError, ValueError) as e:
         raise SystemExit(f"agrpo: could not load model {args.model!r} ({str(e).splitlines()[0][:200]}). Check "
                          "the name and the network (or HF_HOME cache), or use --model toy for an offline run")
-    return model, tokenizer, examples
+    if args.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    return model, tokenizer, train, test
+
+
+def enable_activation_checkpointing(model):
+    """Recompute each layer's activations in the backward pass: less memory, about a third more compute."""
+    if hasattr(getattr(model, "model", None), "set_activation_checkpointing"):  # LLaDA's remote code
+        model.model.set_activation_checkpointing("whole_layer")
+    elif getattr(model, "supports_gradient_checkpointing", False):
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        raise ValueError("this model offers no activation checkpointing; drop --activation-checkpointing")
 
 
 def main(argv=None):
     args = parse_args(argv)
     try:
-        model, tokenizer, examples = setup(args)
+        model, tokenizer, train, test = setup(args)
     except ValueError as e:
         raise SystemExit(f"agrpo: {e}")
     from transformers import get_cosine_schedule_with_warmup
-    torch.manual_seed(args.seed)
-    generator = torch.Generator(args.device).manual_seed(args.seed)
+    rank, size = world()
     steps = args.max_steps if args.max_steps > 0 else \
-        math.ceil(args.num_train_epochs * len(examples) / args.prompts_per_step)
+        math.ceil(args.num_train_epochs * len(train) / args.prompts_per_step)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * steps), steps)
     os.makedirs(args.output_dir, exist_ok=True)
-    prompts = prompt_stream(examples, args.seed)
-    print(f"AGRPO on {args.task}: {len(examples)} prompts, {steps} steps of {args.prompts_per_step} x "
-          f"{args.group_size} completions, {sum(p.numel() for p in trainable):,} trainable parameters")
-    with open(os.path.join(args.output_dir, "metrics.jsonl"), "a") as log:
-        bar = tqdm(range(1, steps + 1), desc="AGRPO", dynamic_ncols=True)
-        for step in bar:
-            batch = [next(prompts) for _ in range(args.prompts_per_step)]
-            metrics, _ = rl_step(model, tokenizer, optimizer, schedule, batch, args, generator)
-            if args.device.startswith("cuda"):
-                metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-            log.write(json.dumps({"step": step, **metrics}) + "\n")
-            log.flush()
+    step, prompts_seen = load_checkpoint(args.resume, model, optimizer, schedule, args) if args.resume else (0, 0)
+    if args.export:
+        if rank == 0:
+            export(model, tokenizer, args.export)
+            print(f"exported the merged model to {args.export}")
+        return
+    if size > 1:
+        model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    log_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if args.eval_only:
+        metrics = evaluate_all(model, tokenizer, test, args, step)
+        if rank == 0:
+            print(json.dumps(metrics, indent=1))
+        return metrics
+    if rank == 0:
+        forget_after(log_path, step)
+        print(f"AGRPO on {args.task}: {len(train)} prompts, steps {step + 1}..{steps} of {args.prompts_per_step} "
+              f"x {args.group_size} completions on {size} process(es), "
+              f"{sum(p.numel() for p in trainable):,} trainable parameters")
+    bar = tqdm(range(step + 1, steps + 1), desc="AGRPO", dynamic_ncols=True, disable=rank > 0)
+    for step in bar:
+        torch.manual_seed(keyed_generator(args, step, rank).initial_seed())  # LoRA dropout
+        batch = prompts_at(train, args.seed, prompts_seen, args.prompts_per_step)
+        prompts_seen += args.prompts_per_step
+        metrics = rl_step(model, tokenizer, optimizer, schedule, batch, args, step)
+        if args.eval_every and (step % args.eval_every == 0 or step == steps):
+            metrics.update(evaluate_all(model, tokenizer, test, args, step))
+        if rank == 0:
+            with open(log_path, "a") as log:
+                log.write(json.dumps({"step": step, **metrics}) + "\n")
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                             len=f"{metrics['completion_length']:.0f}",
                             gen=f"{metrics['seconds_generate']:.1f}s", train=f"{metrics['seconds_train']:.1f}s")
             if step == steps or (args.save_every and step % args.save_every == 0):
-                save_checkpoint(os.path.join(args.output_dir, "checkpoint"), model, optimizer, schedule, step, args)
-    print(f"done: metrics in {args.output_dir}/metrics.jsonl, checkpoint in {args.output_dir}/checkpoint")
+                save_checkpoint(model, optimizer, schedule, step, prompts_seen, args)
+    if rank == 0:
+        print(f"done: metrics in {log_path}, checkpoints in {args.output_dir}")
+    if size > 1:
+        dist.destroy_process_group()
+
+
+def forget_after(log_path, step):
+    """Drop metric lines of steps after `step` (left by a run that crashed before its next checkpoint)."""
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            kept = [line for line in f if json.loads(line)["step"] <= step]
+        with open(log_path, "w") as f:
+            f.writelines(kept)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 import types
@@ -669,16 +670,137 @@ def test_toy_model_learns_a_toy_reward():
     assert after > before + 0.3, history
 
 
-def test_main_runs_logs_and_checkpoints(tmp_path):
-    out = tmp_path / "run"
-    agrpo.main(["--task", "countdown", "--model", "toy", "--max-steps", "2", "--output-dir", str(out)])
-    lines = [json.loads(line) for line in open(out / "metrics.jsonl")]
+FAST = ["--task", "countdown", "--model", "toy", "--completion-length", "16", "--sampling-steps", "8",
+        "--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "4", "--mc-samples", "2",
+        "--train-examples", "64"]
+
+
+def count_a(task, completion, example):
+    """A reward the random toy model can improve on: the share of 'a' among the characters it writes."""
+    return {"format": 0.0, "correct": completion.count("a") / max(len(completion), 1)}
+
+
+def trained(path):
+    return torch.load(os.path.join(path, "state.pt"))["model"]
+
+
+def test_main_runs_evaluates_logs_and_checkpoints(tmp_path):
+    out = str(tmp_path / "run")
+    agrpo.main(["--task", "countdown", "--model", "toy", "--max-steps", "2", "--eval-every", "2",
+                "--eval-examples", "8", "--train-examples", "64", "--output-dir", out])
+    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
     assert [m["step"] for m in lines] == [1, 2]
-    for key in ("reward", "reward_format", "accuracy", "completion_length", "clip_low", "grad_norm", "lr",
-                "seconds_generate", "seconds_train"):
+    for key in ("reward", "reward_format", "reward_correct", "accuracy", "zero_spread_groups", "advantage_abs",
+                "completion_length", "clip_low", "clip_high", "kl", "grad_norm", "lr", "seconds_generate",
+                "seconds_score", "seconds_train", "tokens_per_second"):
         assert all(math.isfinite(m[key]) for m in lines), key
-    state = torch.load(out / "checkpoint" / "state.pt")
-    assert state["step"] == 2 and state["model"] and json.load(open(out / "checkpoint" / "args.json"))["model"] == "toy"
+    assert 0 <= lines[1]["eval_T16_accuracy"] <= 1 and lines[1]["eval_T16_seconds_per_completion"] > 0
+    rows = [json.loads(line) for line in open(os.path.join(out, "eval-step2-T16.jsonl"))]
+    assert len(rows) == 8 and all(set(r) == {"question", "completion", "length", "score"} for r in rows)
+    assert agrpo.checkpoints(out) == [os.path.join(out, "checkpoint-2")]
+    saved = json.load(open(os.path.join(out, "checkpoint-2", "args.json")))
+    assert saved["model"] == "toy" and torch.load(os.path.join(out, "checkpoint-2", "state.pt"))["step"] == 2
+
+
+def test_eval_only_at_several_step_counts(tmp_path):
+    metrics = agrpo.main(["--model", "toy", "--eval-only", "--eval-sampling-steps", "16,8", "--eval-examples",
+                          "4", "--output-dir", str(tmp_path)])
+    assert {"eval_T16_accuracy", "eval_T8_accuracy", "eval_T8_completion_length"} <= set(metrics)
+    assert sum(1 for _ in open(tmp_path / "eval-step0-T8.jsonl")) == 4
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    """2 steps, a crash, resume, 2 steps == 4 uninterrupted steps, bit for bit; the log keeps one line a step."""
+    monkeypatch.setattr(agrpo.tasks, "reward_parts", count_a)
+    straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
+    agrpo.main(FAST + ["--max-steps", "4", "--save-every", "2", "--output-dir", straight])
+    agrpo.main(FAST + ["--max-steps", "4", "--save-every", "2", "--output-dir", crashed])
+    shutil.rmtree(os.path.join(crashed, "checkpoint-4"))  # as if the run died before its last save
+    agrpo.main(FAST + ["--max-steps", "4", "--save-every", "2", "--output-dir", crashed, "--resume", "latest"])
+    a, b = trained(os.path.join(straight, "checkpoint-4")), trained(os.path.join(crashed, "checkpoint-4"))
+    first = trained(os.path.join(straight, "checkpoint-2"))
+    assert any(not torch.equal(first[k], a[k]) for k in a), "steps 3-4 must change the weights"
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    steps = [json.loads(line)["step"] for line in open(os.path.join(crashed, "metrics.jsonl"))]
+    assert steps == [1, 2, 3, 4]
+
+
+def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    out = str(tmp_path)
+    agrpo.main(FAST + ["--max-steps", "1", "--output-dir", out])
+    model, tokenizer = agrpo.toy_model_and_tokenizer(0)
+    args = agrpo.parse_args(FAST + ["--output-dir", out])
+    optimizer = torch.optim.AdamW(model.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+
+    def crash(*a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(agrpo.json, "dump", crash)  # dies after state.pt, before args.json
+    with pytest.raises(OSError):
+        agrpo.save_checkpoint(model, optimizer, schedule, 2, 4, args)
+    assert agrpo.checkpoints(out) == [os.path.join(out, "checkpoint-1")]  # the half-written one is invisible
+
+
+def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path):
+    out = str(tmp_path)
+    agrpo.main(FAST + ["--max-steps", "1", "--output-dir", out])
+    with pytest.raises(SystemExit, match="does not match.*--lora_rank"):
+        agrpo.main(FAST + ["--max-steps", "2", "--output-dir", out, "--resume", "latest", "--lora-rank", "4",
+                           "--lora-targets", "query,value"])
+    with open(os.path.join(out, "checkpoint-1", "state.pt"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(SystemExit, match="cannot be read"):
+        agrpo.main(FAST + ["--max-steps", "2", "--output-dir", out, "--resume", "latest"])
+
+
+def test_lora_merges_and_exports(tmp_path):
+    """The adapters switch off for the reference, and the merged export reloads with the same outputs."""
+    model, tokenizer = agrpo.toy_model_and_tokenizer(0)
+    ids, mask = toy_prompts(tokenizer)
+    base = model(input_ids=ids).logits
+    with pytest.raises(ValueError, match="shares its weight with the input embeddings"):
+        agrpo.add_lora(model, Args(lora_rank=4, lora_targets="decoder"))
+    agrpo.add_lora(model, Args(lora_rank=4, lora_alpha=8, lora_targets="query,value,dense"))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
+        {n for n, _ in model.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_()
+    adapted = model(input_ids=ids).logits
+    with agrpo.adapters_off(model):
+        assert torch.allclose(model(input_ids=ids).logits, base, atol=1e-5)
+    assert not torch.allclose(adapted, base, atol=1e-2)
+    agrpo.export(model, tokenizer, str(tmp_path / "merged"))
+    reloaded = BertForMaskedLM.from_pretrained(str(tmp_path / "merged"))
+    assert torch.allclose(reloaded(input_ids=ids).logits, adapted, atol=1e-4)
+
+
+def ddp_worker(rank, port, out):
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    agrpo.tasks.reward_parts = count_a
+    agrpo.main(FAST + ["--max-steps", "2", "--output-dir", out])
+
+
+def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
+    """torchrun-style DDP with gloo: 2 ranks x half the prompts reproduce 1 rank x all of them."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(ddp_worker, args=(port, str(tmp_path / "two")), nprocs=2)
+    monkeypatch.setattr(agrpo.tasks, "reward_parts", count_a)
+    agrpo.main(FAST + ["--max-steps", "2", "--output-dir", str(tmp_path / "one")])
+    logs = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two")]
+    for one, two in zip(*logs):
+        for key in ("reward", "grad_norm", "loss", "advantage_abs"):
+            assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), key
+    assert logs[0][1]["grad_norm"] > 0
+    a, b = trained(tmp_path / "one" / "checkpoint-2"), trained(tmp_path / "two" / "checkpoint-2")
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
 
 
 @pytest.mark.parametrize("argv,message", [
