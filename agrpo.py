@@ -463,18 +463,20 @@ def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0, sync
     t, weight = sample_timesteps(rollout, L, args, generator)
     adv = advantages[:, None].expand(-1, k)
     stats = torch.zeros(5, device=L.device)  # loss, low clip, high clip, kl, ratio deviation
+    raw = getattr(model, "module", model)
     for m in range(M):
-        logp, pos = step_logprobs(model, rollout, t[:, m], args)
-        ratio = (logp - rollout.logp.gather(1, pos)).exp()
-        term = -torch.min(ratio * adv, ratio.clamp(1 - args.epsilon, 1 + args.epsilon) * adv)
-        if args.beta > 0:
-            with torch.no_grad(), adapters_off(getattr(model, "module", model)):
-                ref = step_logprobs(model, rollout, t[:, m], args)[0]
-            kl = (ref - logp).exp() - (ref - logp) - 1
-            term = term + args.beta * kl * ratio
-            stats[3] += kl.detach().mean() / M
-        loss = (term * weight[:, m, None]).sum() * scale / (M * G)
-        with contextlib.nullcontext() if (sync and m == M - 1) or not hasattr(model, "no_sync") else model.no_sync():
+        all_reduce = sync and m == M - 1  # DDP: forward and backward both inside no_sync, or neither
+        with contextlib.nullcontext() if all_reduce or raw is model else model.no_sync():
+            logp, pos = step_logprobs(model, rollout, t[:, m], args)
+            ratio = (logp - rollout.logp.gather(1, pos)).exp()
+            term = -torch.min(ratio * adv, ratio.clamp(1 - args.epsilon, 1 + args.epsilon) * adv)
+            if args.beta > 0:
+                with torch.no_grad(), adapters_off(raw):
+                    ref = step_logprobs(raw, rollout, t[:, m], args)[0]
+                kl = (ref - logp).exp() - (ref - logp) - 1
+                term = term + args.beta * kl * ratio
+                stats[3] += kl.detach().mean() / M
+            loss = (term * weight[:, m, None]).sum() * scale / (M * G)
             loss.backward()
         with torch.no_grad():
             stats[0] += loss
@@ -491,10 +493,14 @@ def world():
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
+def keyed_seed(args, *key):
+    """A seed fixed by (seed, *key). Every draw of a step is keyed by the step and the global index of the
+    micro-batch, so results do not depend on the number of GPUs and a resumed run needs no RNG state."""
+    return random.Random(str((args.seed, *key))).getrandbits(63)
+
+
 def keyed_generator(args, *key):
-    """A generator seeded by (seed, *key). Every draw of a step is fixed by the step and the global index of
-    the micro-batch, so results do not depend on the number of GPUs and a resumed run needs no RNG state."""
-    return torch.Generator(args.device).manual_seed(random.Random(str((args.seed, *key))).getrandbits(63))
+    return torch.Generator(args.device).manual_seed(keyed_seed(args, *key))
 
 
 def synchronize(args):
@@ -785,7 +791,7 @@ def main(argv=None):
             print(f"exported the merged model to {args.export}")
         return
     if size > 1:
-        model = nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+        model = nn.parallel.DistributedDataParallel(model)
     log_path = os.path.join(args.output_dir, "metrics.jsonl")
     if args.eval_only:
         metrics = evaluate_all(model, tokenizer, test, args, step)
@@ -799,7 +805,7 @@ def main(argv=None):
               f"{sum(p.numel() for p in trainable):,} trainable parameters")
     bar = tqdm(range(step + 1, steps + 1), desc="AGRPO", dynamic_ncols=True, disable=rank > 0)
     for step in bar:
-        torch.manual_seed(keyed_generator(args, step, rank).initial_seed())  # LoRA dropout
+        torch.manual_seed(keyed_seed(args, step, rank))  # LoRA dropout
         batch = prompts_at(train, args.seed, prompts_seen, args.prompts_per_step)
         prompts_seen += args.prompts_per_step
         metrics = rl_step(model, tokenizer, optimizer, schedule, batch, args, step)
@@ -816,6 +822,8 @@ def main(argv=None):
     if rank == 0:
         print(f"done: metrics in {log_path}, checkpoints in {args.output_dir}")
     if size > 1:
+        dist.barrier()  # let rank 0 finish writing before any process leaves
+        del model  # DDP's reducer goes before its process group
         dist.destroy_process_group()
 
 
