@@ -6,9 +6,12 @@ Reference implementation of "Simple Policy Gradients for Reasoning with Diffusio
   0. Config            every hyperparameter, the authors' settings as defaults
   1. Loading           LLaDA-8B-Instruct (or an offline toy model), plain LoRA
   2. Sampler           section 1: generation as a Markov decision process
-  3. Advantages        section 3: group-relative rewards
+  3. Advantages        section 3: rewards (reward.py) and group-relative advantages
   4. Policy gradient   section 2: the amortized Monte Carlo estimator
-  5. Training loop     section 4: the authors' recipe
+  5. Training loop     section 4: the authors' recipe, on one GPU or many (torchrun)
+  6. Evaluation        greedy decoding of the test split at one or several step counts
+  7. Checkpoints       atomic saves, exact resume, merged export
+  8. main              flags, clear errors, the loop
 
 Run `python agrpo.py --help` for every flag; `python agrpo.py --task countdown --model toy --device cpu`
 runs the whole method offline on a CPU in seconds.
@@ -135,8 +138,9 @@ def check_sampler(args):
 def check(args):
     """Reject settings training cannot run with, naming the fix (raises ValueError)."""
     check_sampler(args)
-    if args.group_size < 2 or args.mc_samples < 1 or args.num_iterations < 1:
-        raise ValueError("need --group-size >= 2, --mc-samples >= 1 and --num-iterations >= 1")
+    if args.group_size < 2 or args.mc_samples < 1 or args.num_iterations < 1 or args.temperature <= 0:
+        raise ValueError("training needs --group-size >= 2, --mc-samples >= 1, --num-iterations >= 1 and "
+                         "--temperature > 0 (greedy decoding is for evaluation)")
     if args.beta > 0 and args.lora_rank == 0:
         raise ValueError("--beta > 0 needs LoRA (--lora-rank > 0): the reference is the model, adapters off")
     try:
@@ -253,7 +257,7 @@ def load_model_and_tokenizer(args):
     else:
         from transformers import AutoModel, AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True, padding_side="left")
-        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, torch_dtype=dtype)
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
     if args.eos_token_id is None:
         args.eos_token_id = model.config.eos_token_id if model.config.eos_token_id is not None \
             else tokenizer.eos_token_id
@@ -385,11 +389,13 @@ def model_vocab(model):
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. Rewards and group advantages (section 3)
-def score(tokenizer, rollout, examples, args):
-    """Decode the completions and grade them with reward.py; returns (N, 2) format and correctness parts."""
-    texts = tokenizer.batch_decode(rollout.tokens, skip_special_tokens=True)
+def score(tokenizer, completions, examples, args):
+    """Decode completions (N, C) and grade them with reward.py (section 5): the (N, 2) format and correctness
+    parts of the shaped reward, the evaluation score (N,), and the texts."""
+    texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     parts = [tasks.reward_parts(args.task, text, ex) for text, ex in zip(texts, examples)]
-    return torch.tensor([[p["format"], p["correct"]] for p in parts]), texts
+    correct = [tasks.is_correct(args.task, text, ex) for text, ex in zip(texts, examples)]
+    return torch.tensor([[p["format"], p["correct"]] for p in parts]), torch.tensor(correct), texts
 
 
 def group_advantages(rewards, group_size, scale="none"):
@@ -545,11 +551,9 @@ def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
     seconds = {"generate": time.perf_counter() - clock}
 
     clock = time.perf_counter()
-    texts = [t for r in rollouts for t in tokenizer.batch_decode(r.tokens, skip_special_tokens=True)]
-    parts = torch.tensor([list(tasks.reward_parts(args.task, t, ex).values()) for t, ex in zip(texts, examples)])
+    parts, correct, _ = score(tokenizer, torch.cat([r.tokens for r in rollouts]), examples, args)
     rewards = parts.sum(1)
     advantages = group_advantages(rewards, G, args.scale_rewards).to(args.device)
-    correct = torch.tensor([tasks.is_correct(args.task, t, ex) for t, ex in zip(texts, examples)])
     seconds["score"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
@@ -567,11 +571,12 @@ def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
     seconds["train"] = time.perf_counter() - clock
 
     spread = rewards.view(-1, G).std(1)
+    lengths = torch.cat([(r.tokens != args.eos_token_id).sum(1) for r in rollouts]).double()
     metrics = {"reward": rewards.mean(), "reward_format": parts[:, 0].mean(), "reward_correct": parts[:, 1].mean(),
-               "accuracy": correct.mean(), "reward_std": spread.mean(), "zero_spread_groups": (spread == 0).double().mean(),
-               "advantage_abs": advantages.abs().mean(), "advantage_min": advantages.min(),
-               "advantage_max": advantages.max(), "loss": sum(m["loss"] for m in losses),
-               "completion_length": torch.cat([(r.tokens != args.eos_token_id).sum(1) for r in rollouts]).double().mean(),
+               "accuracy": correct.mean(), "reward_std": spread.mean(),
+               "zero_spread_groups": (spread == 0).double().mean(), "advantage_abs": advantages.abs().mean(),
+               "advantage_min": advantages.min(), "advantage_max": advantages.max(),
+               "loss": sum(m["loss"] for m in losses), "completion_length": lengths.mean(),
                "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0]}
     metrics.update({k: sum(m[k] for m in losses) / len(losses) for k in ("clip_low", "clip_high", "kl")})
     metrics.update({f"seconds_{k}": v for k, v in seconds.items()})
@@ -613,10 +618,10 @@ def evaluate(model, tokenizer, examples, args, steps, path):
                            keyed_generator(args, -1, steps, rank, i))
         synchronize(args)
         seconds += time.perf_counter() - clock
-        texts = tokenizer.batch_decode(rollout.tokens, skip_special_tokens=True)
+        _, correct, texts = score(tokenizer, rollout.tokens, chunk, args)
         lengths = (rollout.tokens != args.eos_token_id).sum(1).tolist()
-        rows += [{"question": ex["question"], "completion": text, "length": n,
-                  "score": tasks.is_correct(args.task, text, ex)} for ex, text, n in zip(chunk, texts, lengths)]
+        rows += [{"question": ex["question"], "completion": text, "length": n, "score": c}
+                 for ex, text, n, c in zip(chunk, texts, lengths, correct.tolist())]
     if size > 1:
         gathered = [None] * size
         dist.all_gather_object(gathered, (rows, seconds))
@@ -683,7 +688,8 @@ def load_checkpoint(path, model, optimizer, schedule, args):
     except Exception as e:
         raise SystemExit(f"agrpo: checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
                          "resume from an earlier one")
-    changed = [f"--{k} {saved.get(k)!r} (now {getattr(args, k)!r})" for k in STRUCTURE if saved.get(k) != getattr(args, k)]
+    changed = [f"--{k} {saved.get(k)!r} (now {getattr(args, k)!r})"
+               for k in STRUCTURE if saved.get(k) != getattr(args, k)]
     raw = getattr(model, "module", model)
     trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
     if changed or set(state["model"]) != trainable:
@@ -702,7 +708,7 @@ def export(model, tokenizer, path):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Putting it together
+# 8. main
 def parse_args(argv=None):
     from transformers import HfArgumentParser
     parser = HfArgumentParser(Args)
@@ -741,7 +747,8 @@ def setup(args):
     size = world()[1]
     if args.prompts_per_step % size or args.prompts_per_step // size * args.group_size % args.micro_batch_size:
         raise ValueError(f"{size} processes need --prompts-per-step divisible by {size}, and --micro-batch-size "
-                         f"dividing each process's {args.prompts_per_step // size} x {args.group_size} completions")
+                         f"dividing each process's {args.prompts_per_step // size} x {args.group_size} "
+                         "completions")
     try:
         train = [] if args.eval_only else \
             tasks.load_examples(args.task, "train", args.data, n=args.train_examples or None, seed=args.seed)
