@@ -143,6 +143,8 @@ def check(args):
                          "--temperature > 0 (greedy decoding is for evaluation)")
     if args.beta > 0 and args.lora_rank == 0:
         raise ValueError("--beta > 0 needs LoRA (--lora-rank > 0): the reference is the model, adapters off")
+    if not all(t.strip().isdigit() for t in str(args.eval_sampling_steps).split(",")):
+        raise ValueError(f"--eval-sampling-steps {args.eval_sampling_steps!r}: give step counts like 128,64,32")
     try:
         for steps in args.eval_steps:
             check_sampler(dataclasses.replace(args, completion_length=args.eval_completion_length,
@@ -717,7 +719,9 @@ def parse_args(argv=None):
         (args,) = parser.parse_yaml_file(argv[0]) if argv[0].endswith(("yaml", "yml")) \
             else parser.parse_json_file(argv[0])
     else:
-        (args,) = parser.parse_args_into_dataclasses(argv)
+        args, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
+        if unknown:
+            raise ValueError(f"unknown arguments {' '.join(unknown)}; see --help")
     if args.model == "toy":
         defaults = Args()
         for name, value in TOY.items():
@@ -777,10 +781,10 @@ def enable_activation_checkpointing(model):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     try:
+        args = parse_args(argv)
         model, tokenizer, train, test = setup(args)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         raise SystemExit(f"agrpo: {e}")
     from transformers import get_cosine_schedule_with_warmup
     rank, size = world()
