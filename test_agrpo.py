@@ -836,6 +836,8 @@ def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
     (["--completion-length", "10", "--block-length", "4"], "must be a multiple"),
     (["--device", "cuda:0", "--model", "x"], "CUDA is not available"),
     (["--task", "gsm8k", "--model", "toy"], "no synthetic data"),
+    (["--model", "toy", "--lerning-rate", "1"], "unknown arguments --lerning-rate"),
+    (["--model", "toy", "--temperature", "0"], "--temperature > 0"),
 ])
 def test_bad_input_ends_with_one_clear_message(argv, message):
     if "cuda" in " ".join(argv) and torch.cuda.is_available():
