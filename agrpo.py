@@ -760,6 +760,8 @@ def setup(args):
             if args.eval_every or args.eval_only else []
     except tasks.DataUnavailable as e:
         raise SystemExit(f"agrpo: {e}")
+    if not (train or args.eval_only):
+        raise ValueError(f"no training examples for {args.task}")
     try:
         model, tokenizer = load_model_and_tokenizer(args)
     except (OSError, ValueError) as e:
@@ -809,11 +811,16 @@ def main(argv=None):
         if rank == 0:
             print(json.dumps(metrics, indent=1))
         return metrics
+    if not args.resume and rank == 0 and (checkpoints(args.output_dir) or os.path.exists(log_path)):
+        raise SystemExit(f"agrpo: {args.output_dir} already holds a run; continue it with --resume latest "
+                         "or choose another --output-dir")
     if rank == 0:
         forget_after(log_path, step)
         print(f"AGRPO on {args.task}: {len(train)} prompts, steps {step + 1}..{steps} of {args.prompts_per_step} "
               f"x {args.group_size} completions on {size} process(es), "
               f"{sum(p.numel() for p in trainable):,} trainable parameters")
+    if args.eval_every and step == 0:  # the starting point of the curve
+        log_metrics(log_path, 0, evaluate_all(model, tokenizer, test, args, 0))
     bar = tqdm(range(step + 1, steps + 1), desc="AGRPO", dynamic_ncols=True, disable=rank > 0)
     for step in bar:
         torch.manual_seed(keyed_seed(args, step, rank))  # LoRA dropout
@@ -822,9 +829,8 @@ def main(argv=None):
         metrics = rl_step(model, tokenizer, optimizer, schedule, batch, args, step)
         if args.eval_every and (step % args.eval_every == 0 or step == steps):
             metrics.update(evaluate_all(model, tokenizer, test, args, step))
+        log_metrics(log_path, step, metrics)
         if rank == 0:
-            with open(log_path, "a") as log:
-                log.write(json.dumps({"step": step, **metrics}) + "\n")
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                             len=f"{metrics['completion_length']:.0f}",
                             gen=f"{metrics['seconds_generate']:.1f}s", train=f"{metrics['seconds_train']:.1f}s")
@@ -838,13 +844,20 @@ def main(argv=None):
         dist.destroy_process_group()
 
 
+def log_metrics(log_path, step, metrics):
+    if world()[0] == 0:
+        with open(log_path, "a") as log:
+            log.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
 def forget_after(log_path, step):
-    """Drop metric lines of steps after `step` (left by a run that crashed before its next checkpoint)."""
+    """Drop the metric lines of steps after `step`, left by a run that crashed before its next checkpoint
+    (and a last line cut short by the crash)."""
     if os.path.exists(log_path):
         with open(log_path) as f:
-            kept = [line for line in f if json.loads(line)["step"] <= step]
+            lines = f.read().splitlines(keepends=True)
         with open(log_path, "w") as f:
-            f.writelines(kept)
+            f.writelines(line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step)
 
 
 if __name__ == "__main__":

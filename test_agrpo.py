@@ -712,7 +712,8 @@ def test_main_runs_evaluates_logs_and_checkpoints(tmp_path):
     agrpo.main(["--task", "countdown", "--model", "toy", "--max-steps", "2", "--eval-every", "2",
                 "--eval-examples", "8", "--train-examples", "64", "--output-dir", out])
     lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [m["step"] for m in lines] == [1, 2]
+    assert [m["step"] for m in lines] == [0, 1, 2] and "eval_T16_accuracy" in lines[0]
+    lines = lines[1:]
     for key in ("reward", "reward_format", "reward_correct", "accuracy", "zero_spread_groups", "advantage_abs",
                 "completion_length", "clip_low", "clip_high", "kl", "grad_norm", "lr", "seconds_generate",
                 "seconds_score", "seconds_train", "tokens_per_second"):
@@ -738,7 +739,11 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     agrpo.main(FAST + ["--max-steps", "4", "--save-every", "2", "--output-dir", straight])
     agrpo.main(FAST + ["--max-steps", "4", "--save-every", "2", "--output-dir", crashed])
-    shutil.rmtree(os.path.join(crashed, "checkpoint-4"))  # as if the run died before its last save
+    shutil.rmtree(os.path.join(crashed, "checkpoint-4"))  # as if the run died before its last save,
+    with open(os.path.join(crashed, "metrics.jsonl"), "a") as f:  # in the middle of a metrics line
+        f.write('{"step": 5, "rew')
+    with pytest.raises(SystemExit, match="already holds a run"):
+        agrpo.main(FAST + ["--max-steps", "4", "--output-dir", crashed])
     agrpo.main(FAST + ["--max-steps", "4", "--save-every", "2", "--output-dir", crashed, "--resume", "latest"])
     a, b = trained(os.path.join(straight, "checkpoint-4")), trained(os.path.join(crashed, "checkpoint-4"))
     first = trained(os.path.join(straight, "checkpoint-2"))
