@@ -57,7 +57,8 @@ class Args:
     eos_token_id: Optional[int] = arg(None, "Id of EOS; default: the model config's.")
     train_examples: int = arg(0, "Train on the first N training examples only (0: all).")
     seed: int = arg(333, "Seed of every random generator.")
-    output_dir: str = arg("runs/agrpo", "Where metrics.jsonl and checkpoints go.")
+    output_dir: Optional[str] = arg(None, "Where metrics, evaluations and checkpoints go; default: a new "
+                                    "runs/<task>-<date>-<time>, or the run of the checkpoint resumed.")
     # LoRA (section 4)
     lora_rank: int = arg(64, "LoRA rank r; 0 trains all weights.")
     lora_alpha: float = arg(64.0, "LoRA alpha (the update is scaled by alpha / r).")
@@ -727,7 +728,22 @@ def parse_args(argv=None):
         for name, value in TOY.items():
             if getattr(args, name) == getattr(defaults, name):
                 setattr(args, name, value)
+    if args.output_dir is None:
+        args.output_dir = default_output_dir(args)
     return args
+
+
+def default_output_dir(args):
+    """The run a checkpoint belongs to; for 'latest', the run under runs/ saved most recently; else a new one."""
+    if args.resume == "latest":
+        runs = [d for d in (os.path.join("runs", r) for r in sorted(os.listdir("runs")))
+                if checkpoints(d)] if os.path.isdir("runs") else []
+        if not runs:
+            raise ValueError("no checkpoint under runs/ to resume; give --output-dir, or drop --resume")
+        return max(runs, key=lambda d: os.path.getmtime(checkpoints(d)[-1]))
+    if args.resume:
+        return os.path.dirname(os.path.normpath(args.resume))
+    return os.path.join("runs", f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def init_distributed(args):
@@ -796,7 +812,8 @@ def main(argv=None):
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * steps), steps)
-    os.makedirs(args.output_dir, exist_ok=True)
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
     step, prompts_seen = load_checkpoint(args.resume, model, optimizer, schedule, args) if args.resume else (0, 0)
     if args.export:
         if rank == 0:

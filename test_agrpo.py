@@ -753,6 +753,18 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert steps == [1, 2, 3, 4]
 
 
+def test_each_run_gets_its_own_directory_and_latest_resumes_the_newest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(agrpo.time, "strftime", lambda fmt: "first")
+    agrpo.main(FAST + ["--max-steps", "1"])
+    monkeypatch.setattr(agrpo.time, "strftime", lambda fmt: "second")
+    agrpo.main(FAST + ["--max-steps", "1"])
+    agrpo.main(FAST + ["--max-steps", "2", "--resume", "latest"])
+    assert [os.path.basename(c) for c in agrpo.checkpoints("runs/countdown-first")] == ["checkpoint-1"]
+    assert [os.path.basename(c) for c in agrpo.checkpoints("runs/countdown-second")] == ["checkpoint-1",
+                                                                                          "checkpoint-2"]
+
+
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     out = str(tmp_path)
     agrpo.main(FAST + ["--max-steps", "1", "--output-dir", out])
