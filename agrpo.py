@@ -688,6 +688,7 @@ def load_checkpoint(path, model, optimizer, schedule, args):
         with open(os.path.join(path, "args.json")) as f:
             saved = json.load(f)
         state = torch.load(os.path.join(path, "state.pt"), map_location=args.device, weights_only=True)
+        weights, step, prompts_seen = state["model"], state["step"], state["prompts_seen"]
     except Exception as e:
         raise SystemExit(f"agrpo: checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
                          "resume from an earlier one")
@@ -695,13 +696,13 @@ def load_checkpoint(path, model, optimizer, schedule, args):
                for k in STRUCTURE if saved.get(k) != getattr(args, k)]
     raw = getattr(model, "module", model)
     trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
-    if changed or set(state["model"]) != trainable:
+    if changed or set(weights) != trainable:
         raise SystemExit(f"agrpo: checkpoint {path} does not match this model: it was trained with "
                          f"{', '.join(changed) or 'other trainable weights'}; pass the same settings")
-    raw.load_state_dict(state["model"], strict=False)
+    raw.load_state_dict(weights, strict=False)
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
-    return state["step"], state["prompts_seen"]
+    return step, prompts_seen
 
 
 def export(model, tokenizer, path):
