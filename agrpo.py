@@ -288,10 +288,15 @@ class Rollout:
         return Rollout(*(None if v is None else v[rows] for v in dataclasses.astuple(self)))
 
 
+def unwrap(model):
+    """The model itself, inside a DistributedDataParallel wrapper or not."""
+    return getattr(model, "module", model)
+
+
 def logits_at(model, input_ids, attention_mask, positions):
     """Logits (B, n, V) at `positions` (B, n) only: the output layer is fed just those hidden states, so the
     full (B, length, V) logits tensor is never built. Works for any model whose output layer is a module."""
-    head = getattr(model, "module", model).get_output_embeddings()
+    head = unwrap(model).get_output_embeddings()
     if head is None or isinstance(head, nn.Embedding):  # tied through F.linear: slice the full logits
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
@@ -353,8 +358,9 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
     attention = torch.cat([prompt_mask, torch.ones(B, C, dtype=prompt_mask.dtype, device=dev)], 1)
     step = torch.full((B, C), T, device=dev)
     logp, entropy = torch.zeros(B, C, device=dev), torch.zeros(B, C, device=dev)
-    truncated = args.temperature > 0 and (args.top_p < 1 or 0 < args.top_k < model_vocab(model))
-    K = 1 if args.temperature == 0 else min(args.top_k or model_vocab(model), model_vocab(model))
+    V = unwrap(model).get_input_embeddings().num_embeddings
+    truncated = args.temperature > 0 and (args.top_p < 1 or 0 < args.top_k < V)
+    K = min(args.top_k or V, V)
     support = torch.zeros(B, C, K, dtype=torch.long, device=dev) if truncated else None
     support_size = torch.ones(B, C, dtype=torch.long, device=dev)
     rows = torch.arange(B, device=dev)  # rows still generating
@@ -384,10 +390,6 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
         if len(rows) == 0:
             break
     return Rollout(prompt_ids, prompt_mask, x[:, P:], step, logp, entropy, support, support_size)
-
-
-def model_vocab(model):
-    return getattr(model, "module", model).get_input_embeddings().num_embeddings
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -472,7 +474,7 @@ def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0, sync
     t, weight = sample_timesteps(rollout, L, args, generator)
     adv = advantages[:, None].expand(-1, k)
     stats = torch.zeros(5, device=L.device)  # loss, low clip, high clip, kl, ratio deviation
-    raw = getattr(model, "module", model)
+    raw = unwrap(model)
     for m in range(M):
         all_reduce = sync and m == M - 1  # DDP: forward and backward both inside no_sync, or neither
         with contextlib.nullcontext() if all_reduce or raw is model else model.no_sync():
@@ -543,7 +545,7 @@ def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
     then num_iterations gradient steps, with gradients all-reduced once per step under DDP."""
     rank, size = world()
     batch = batch[rank * len(batch) // size:(rank + 1) * len(batch) // size]
-    G, mb, raw = args.group_size, args.micro_batch_size, getattr(model, "module", model)
+    G, mb, raw = args.group_size, args.micro_batch_size, unwrap(model)
     examples = [ex for ex in batch for _ in range(G)]
     first = rank * len(examples) // mb  # global index of this process's first micro-batch
     clock = time.perf_counter()
@@ -611,7 +613,7 @@ def evaluate(model, tokenizer, examples, args, steps, path):
     eval_args = dataclasses.replace(args, completion_length=args.eval_completion_length, sampling_steps=steps,
                                     block_length=args.eval_block_length, unmasking=args.eval_unmasking,
                                     temperature=args.eval_temperature)
-    raw = getattr(model, "module", model).eval()
+    raw = unwrap(model).eval()
     mine, rows, seconds = examples[rank::size], [], 0.0
     for i in tqdm(range(0, len(mine), args.eval_batch_size), desc=f"eval T={steps}", disable=rank > 0,
                   leave=False):
@@ -661,7 +663,7 @@ def save_checkpoint(model, optimizer, schedule, step, prompts_seen, args):
     """output_dir/checkpoint-<step>: trainable weights (the adapters under LoRA), optimizer, schedule, step,
     data position and the resolved config. Written into a temporary directory that is then renamed, so a
     crash mid-write never leaves a checkpoint that loads wrong; the newest keep_checkpoints are kept."""
-    raw = getattr(model, "module", model)
+    raw = unwrap(model)
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -694,7 +696,7 @@ def load_checkpoint(path, model, optimizer, schedule, args):
                          "resume from an earlier one")
     changed = [f"--{k} {saved.get(k)!r} (now {getattr(args, k)!r})"
                for k in STRUCTURE if saved.get(k) != getattr(args, k)]
-    raw = getattr(model, "module", model)
+    raw = unwrap(model)
     trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
     if changed or set(weights) != trainable:
         raise SystemExit(f"agrpo: checkpoint {path} does not match this model: it was trained with "
@@ -707,7 +709,7 @@ def load_checkpoint(path, model, optimizer, schedule, args):
 
 def export(model, tokenizer, path):
     """Fold the adapters into the weights and write a transformers model that from_pretrained loads back."""
-    merge_lora(getattr(model, "module", model)).save_pretrained(path)
+    merge_lora(unwrap(model)).save_pretrained(path)
     tokenizer.save_pretrained(path)
 
 
