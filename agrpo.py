@@ -93,6 +93,10 @@ class Args:
     epsilon: float = arg(0.2, "PPO clip range eps.")
     beta: float = arg(0.0, "Weight of the k3 KL to the reference (adapters off; needs lora_rank > 0).")
     num_iterations: int = arg(1, "Gradient steps per batch of rollouts.")
+    update_schedule: Literal["paper", "released"] = arg(
+        "paper", "'paper': one optimizer update per batch. 'released': the authors' released trainer, which "
+        "accumulates every micro-batch but a process's last, then updates after each sampled step of it "
+        "(M updates per step; see README).")
     scale_rewards: Literal["none", "std"] = arg("none", "'std' divides advantages by the group std (GRPO); "
                                                 "the authors only centre them.")
     activation_checkpointing: bool = arg(False, "Recompute activations in the backward pass (saves memory).")
@@ -276,7 +280,7 @@ def load_model_and_tokenizer(args):
 class Rollout:
     """B completions of length C and, per completion token, what the policy gradient needs."""
     prompt_ids: torch.Tensor            # (B, P) left-padded prompts
-    prompt_mask: torch.Tensor           # (B, P) 1 on real prompt tokens
+    prompt_mask: Optional[torch.Tensor]  # (B, P) 1 on real prompt tokens (None: no padding in the batch)
     tokens: torch.Tensor                # (B, C) completion ids
     step: torch.Tensor                  # (B, C) step that revealed the token; T for the EOS filler (no action)
     logp: torch.Tensor                  # (B, C) log pi_old(token | s_step), truncated and tempered
@@ -291,6 +295,15 @@ class Rollout:
 def unwrap(model):
     """The model itself, inside a DistributedDataParallel wrapper or not."""
     return getattr(model, "module", model)
+
+
+def with_completion(prompt_mask, C, rows=slice(None)):
+    """The attention mask of prompt + completion, or None when no prompt is padded: LLaDA turns any mask into
+    an additive bias (ruling out fused attention kernels) and checks it on the host every forward."""
+    if prompt_mask is None:
+        return None
+    mask = prompt_mask[rows]
+    return torch.cat([mask, mask.new_ones(mask.shape[0], C)], 1)
 
 
 def logits_at(model, input_ids, attention_mask, positions):
@@ -314,7 +327,8 @@ def logits_at(model, input_ids, attention_mask, positions):
 
 def truncated_logits(logits, args):
     """softmax(logits / temperature) restricted to S_i: top-k, then top-p (section 1, step 2).
-    Returns the candidates' tempered logits (-inf outside S_i), their ids, and |S_i|."""
+    Returns the candidates' tempered logits (-inf outside S_i), their ids, and |S_i|. With top-p alone the
+    candidates are cut to the widest nucleus of the batch, never the whole vocabulary."""
     z = logits.float() / args.temperature
     V = z.shape[-1]
     K = min(args.top_k, V) if args.top_k > 0 else V
@@ -323,6 +337,9 @@ def truncated_logits(logits, args):
     z, ids = z.topk(K, dim=-1)
     if args.top_p < 1:  # keep the most probable tokens while their cumulative mass is <= top_p (at least one)
         size = (z.softmax(-1).cumsum(-1) <= args.top_p).sum(-1).clamp_min(1)
+        if args.top_k == 0:
+            K = int(size.max())  # one host sync a step, only on this path
+            z, ids = z[..., :K], ids[..., :K]
     else:
         size = torch.full(z.shape[:-1], K, device=z.device)
     z = z.masked_fill(torch.arange(K, device=z.device) >= size[..., None], -math.inf)
@@ -355,13 +372,12 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
     blocks, steps_per_block, k = geometry(args)
     dev = prompt_ids.device
     x = torch.cat([prompt_ids, torch.full((B, C), args.mask_token_id, device=dev)], 1)
-    attention = torch.cat([prompt_mask, torch.ones(B, C, dtype=prompt_mask.dtype, device=dev)], 1)
+    prompt_mask = None if prompt_mask.all() else prompt_mask  # unpadded: no mask, so fused attention kernels
     step = torch.full((B, C), T, device=dev)
     logp, entropy = torch.zeros(B, C, device=dev), torch.zeros(B, C, device=dev)
     V = unwrap(model).get_input_embeddings().num_embeddings
     truncated = args.temperature > 0 and (args.top_p < 1 or 0 < args.top_k < V)
-    K = min(args.top_k or V, V)
-    support = torch.zeros(B, C, K, dtype=torch.long, device=dev) if truncated else None
+    support = torch.zeros(B, C, 0, dtype=torch.long, device=dev) if truncated else None  # widened as needed
     support_size = torch.ones(B, C, dtype=torch.long, device=dev)
     rows = torch.arange(B, device=dev)  # rows still generating
     t = 0
@@ -369,7 +385,7 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
         lo, hi = b * BL, (b + 1) * BL
         block = torch.arange(P + lo, P + hi, device=dev).expand(len(rows), -1)
         for _ in range(steps_per_block):
-            logits = logits_at(model, x[rows], attention[rows], block)                      # step 1
+            logits = logits_at(model, x[rows], with_completion(prompt_mask, C, rows), block)  # step 1
             tokens, lp, ent, ids, size, confidence = sample_tokens(logits, args, generator)  # step 2
             masked = step[rows, lo:hi] == T  # not yet revealed (a sampled mask id counts as revealed)
             score = confidence if args.unmasking == "low_confidence" else \
@@ -381,7 +397,9 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
             logp[r, lo + j], entropy[r, lo + j] = lp.gather(1, j), ent.gather(1, j)
             support_size[r, lo + j] = size.gather(1, j)
             if support is not None:
-                support[r, lo + j] = ids.gather(1, j[..., None].expand(-1, -1, K))
+                K = ids.shape[-1]
+                support = nn.functional.pad(support, (0, max(K - support.shape[-1], 0)))
+                support[r, lo + j, :K] = ids.gather(1, j[..., None].expand(-1, -1, K))
             t += 1
         # step 5: a block that came out all EOS ends its row; the rest becomes EOS filler, never an action
         done = (x[rows, P + lo:P + hi] == args.eos_token_id).all(-1)
@@ -450,7 +468,7 @@ def step_logprobs(model, rollout, t, args):
     pos = now.float().topk(k, dim=-1).indices                                   # the k positions revealed at t
     state = rollout.tokens.masked_fill(rollout.step >= t[:, None], args.mask_token_id)
     ids = torch.cat([rollout.prompt_ids, state], 1)
-    attention = torch.cat([rollout.prompt_mask, torch.ones_like(state, dtype=rollout.prompt_mask.dtype)], 1)
+    attention = with_completion(rollout.prompt_mask, state.shape[1])
     z = logits_at(model, ids, attention, rollout.prompt_ids.shape[1] + pos).float() / args.temperature
     token = rollout.tokens.gather(1, pos)
     if rollout.support is not None:
@@ -463,20 +481,23 @@ def step_logprobs(model, rollout, t, args):
     return z.gather(-1, token[..., None]).squeeze(-1) - norm, pos
 
 
-def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0, sync=True):
-    """AGRPO's policy-gradient step for one micro-batch: sample M timesteps per completion, and for each
-    rebuild s_t, recompute the log-probs of the tokens revealed at t, form the PPO-clipped term (plus beta
-    times the k3 KL to the reference) and back-propagate (term * weight) * scale / (M * G) at once, so memory
-    stays flat. Under DDP the gradients are all-reduced only in the last backward pass, and only if `sync`.
+def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0, sync=True, after_backward=None):
+    """AGRPO's policy gradient for one micro-batch: sample M timesteps per completion, and for each rebuild
+    s_t, recompute the log-probs of the tokens revealed at t, form the PPO-clipped term (plus beta times the
+    k3 KL to the reference) and back-propagate at once, so memory stays flat in M.
+    The loss of one sampled step is sum over its tokens of term * weight / (M * G), times `scale`.
+    Under DDP the gradients are all-reduced in the last backward pass only, and only if `sync`; with
+    `after_backward` (called after every backward: the released trainer's optimizer updates) in each one.
     Returns metrics."""
     M, G, k = args.mc_samples, args.group_size, geometry(args)[2]
     L = trajectory_length(rollout, args)
     t, weight = sample_timesteps(rollout, L, args, generator)
     adv = advantages[:, None].expand(-1, k)
-    stats = torch.zeros(5, device=L.device)  # loss, low clip, high clip, kl, ratio deviation
+    sums = {name: torch.zeros((), device=L.device) for name in ("loss", "clip_low", "clip_high", "kl")}
+    ratio_max_dev = torch.zeros((), device=L.device)
     raw = unwrap(model)
     for m in range(M):
-        all_reduce = sync and m == M - 1  # DDP: forward and backward both inside no_sync, or neither
+        all_reduce = sync and (m == M - 1 or after_backward is not None)
         with contextlib.nullcontext() if all_reduce or raw is model else model.no_sync():
             logp, pos = step_logprobs(model, rollout, t[:, m], args)
             ratio = (logp - rollout.logp.gather(1, pos)).exp()
@@ -486,15 +507,17 @@ def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0, sync
                     ref = step_logprobs(raw, rollout, t[:, m], args)[0]
                 kl = (ref - logp).exp() - (ref - logp) - 1
                 term = term + args.beta * kl * ratio
-                stats[3] += kl.detach().mean() / M
+                sums["kl"] += kl.detach().mean() / M
             loss = (term * weight[:, m, None]).sum() * scale / (M * G)
             loss.backward()
+        if after_backward is not None:
+            after_backward()
         with torch.no_grad():
-            stats[0] += loss
-            stats[1] += ((ratio < 1 - args.epsilon) & (adv < 0)).float().mean() / M
-            stats[2] += ((ratio > 1 + args.epsilon) & (adv > 0)).float().mean() / M
-            stats[4] = torch.maximum(stats[4], (ratio - 1).abs().max())
-    return dict(zip(["loss", "clip_low", "clip_high", "kl", "ratio_max_dev"], stats.tolist()))
+            sums["loss"] += loss
+            sums["clip_low"] += ((ratio < 1 - args.epsilon) & (adv < 0)).float().mean() / M
+            sums["clip_high"] += ((ratio > 1 + args.epsilon) & (adv > 0)).float().mean() / M
+            ratio_max_dev = torch.maximum(ratio_max_dev, (ratio - 1).abs().max())
+    return dict(zip([*sums, "ratio_max_dev"], torch.stack([*sums.values(), ratio_max_dev]).tolist()))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -519,10 +542,14 @@ def synchronize(args):
         torch.cuda.synchronize()
 
 
+def prompt_texts(tokenizer, examples, args):
+    return [tokenizer.apply_chat_template(tasks.prompt_messages(args.task, ex), add_generation_prompt=True,
+                                          tokenize=False) for ex in examples]
+
+
 def tokenize_prompts(tokenizer, examples, args):
-    texts = [tokenizer.apply_chat_template(tasks.prompt_messages(args.task, ex), add_generation_prompt=True,
-                                           tokenize=False) for ex in examples]
-    enc = tokenizer(texts, padding=True, padding_side="left", add_special_tokens=False, return_tensors="pt")
+    enc = tokenizer(prompt_texts(tokenizer, examples, args), padding=True, padding_side="left",
+                    add_special_tokens=False, return_tensors="pt")
     return enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
 
 
@@ -564,14 +591,24 @@ def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
     clock = time.perf_counter()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    for it in range(args.num_iterations):
-        losses = [agrpo_loss(model, r, advantages[i * mb:(i + 1) * mb], args,
-                             keyed_generator(args, step, 1 + it, first + i), scale=1 / len(batch),
-                             sync=i == len(rollouts) - 1) for i, r in enumerate(rollouts)]
-        grad_norm = nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+    grad_norms = []
+
+    def update():
+        grad_norms.append(nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
         optimizer.step()
-        schedule.step()
         optimizer.zero_grad(set_to_none=True)
+
+    for it in range(args.num_iterations):
+        losses = []
+        for i, r in enumerate(rollouts):
+            last = i == len(rollouts) - 1
+            released = last and args.update_schedule == "released"  # an update after every sampled step
+            losses.append(agrpo_loss(model, r, advantages[i * mb:(i + 1) * mb], args,
+                                     keyed_generator(args, step, 1 + it, first + i), scale=1 / len(batch),
+                                     sync=last, after_backward=update if released else None))
+        if args.update_schedule == "paper":
+            update()  # one update per batch, as the paper describes
+        schedule.step()  # once per iteration in both schedules: the released one's updates share one rate
     synchronize(args)
     seconds["train"] = time.perf_counter() - clock
 
@@ -582,7 +619,7 @@ def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
                "zero_spread_groups": (spread == 0).double().mean(), "advantage_abs": advantages.abs().mean(),
                "advantage_min": advantages.min(), "advantage_max": advantages.max(),
                "loss": sum(m["loss"] for m in losses), "completion_length": lengths.mean(),
-               "grad_norm": grad_norm, "lr": schedule.get_last_lr()[0]}
+               "grad_norm": torch.stack(grad_norms).mean(), "lr": schedule.get_last_lr()[0]}
     metrics.update({k: sum(m[k] for m in losses) / len(losses) for k in ("clip_low", "clip_high", "kl")})
     metrics.update({f"seconds_{k}": v for k, v in seconds.items()})
     metrics["tokens_per_second"] = len(examples) * args.completion_length / sum(seconds.values())
@@ -615,9 +652,13 @@ def evaluate(model, tokenizer, examples, args, steps, path):
                                     temperature=args.eval_temperature)
     raw = unwrap(model).eval()
     mine, rows, seconds = examples[rank::size], [], 0.0
+    # batches of prompts of similar length, so that few are padded (padding costs a mask: with_completion)
+    prompts = tokenizer(prompt_texts(tokenizer, mine, args), add_special_tokens=False)["input_ids"]
+    order = sorted(range(len(mine)), key=lambda j: len(prompts[j]))
     for i in tqdm(range(0, len(mine), args.eval_batch_size), desc=f"eval T={steps}", disable=rank > 0,
                   leave=False):
-        chunk = mine[i:i + args.eval_batch_size]
+        index = order[i:i + args.eval_batch_size]
+        chunk = [mine[j] for j in index]
         clock = time.perf_counter()
         rollout = generate(raw, *tokenize_prompts(tokenizer, chunk, args), eval_args,
                            keyed_generator(args, -1, steps, rank, i))
@@ -625,12 +666,13 @@ def evaluate(model, tokenizer, examples, args, steps, path):
         seconds += time.perf_counter() - clock
         _, correct, texts = score(tokenizer, rollout.tokens, chunk, args)
         lengths = (rollout.tokens != args.eos_token_id).sum(1).tolist()
-        rows += [{"question": ex["question"], "completion": text, "length": n, "score": c}
-                 for ex, text, n, c in zip(chunk, texts, lengths, correct.tolist())]
+        rows += [{"index": rank + size * j, "question": ex["question"], "completion": text, "length": n,
+                  "score": c} for j, ex, text, n, c in zip(index, chunk, texts, lengths, correct.tolist())]
     if size > 1:
         gathered = [None] * size
         dist.all_gather_object(gathered, (rows, seconds))
         rows, seconds = [r for part, _ in gathered for r in part], sum(s for _, s in gathered)
+    rows.sort(key=lambda row: row["index"])  # the test set's order
     if rank == 0:
         with open(path, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in rows)
@@ -814,7 +856,8 @@ def main(argv=None):
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
-    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * steps), steps)
+    updates = steps * args.num_iterations  # scheduler steps: one per gradient step on a batch
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * updates), updates)
     if rank == 0:
         os.makedirs(args.output_dir, exist_ok=True)
     step, prompts_seen = load_checkpoint(args.resume, model, optimizer, schedule, args) if args.resume else (0, 0)

@@ -7,6 +7,7 @@
 4. The rewards are right, also on hostile completions.
 5. End to end: a toy model learns, and `main()` runs, logs and checkpoints.
 """
+import copy
 import dataclasses
 import json
 import math
@@ -384,6 +385,133 @@ def test_all_eos_completion_contributes_nothing():
     assert flat_grad(model).abs().max() == 0
 
 
+def test_top_p_alone_keeps_only_the_widest_nucleus(toy):
+    """With top-k off and top-p on, the candidates kept are as many as the widest nucleus in the batch, never
+    the vocabulary; a rollout's support is that wide and the trainer's log-probs under it equal the sampler's."""
+    probs = torch.zeros(2, 1000)  # cumulative masses .5 .8 1 and .3 .52 .7 .82 .92 1: nuclei of 2 and 4 at .85
+    probs[0, [7, 3, 9]] = torch.tensor([0.5, 0.3, 0.2])
+    probs[1, :6] = torch.tensor([0.3, 0.22, 0.18, 0.12, 0.1, 0.08])
+    z, ids, size = agrpo.truncated_logits(probs.log(), Args(temperature=1.0, top_k=0, top_p=0.85))
+    assert size.tolist() == [2, 4] and ids[0, :3].tolist() == [7, 3, 9] and ids[1].tolist() == [0, 1, 2, 3]
+    assert z[0, 2:].eq(-math.inf).all() and z[1].isfinite().all()
+    model, tokenizer = toy
+    args = toy_run_args(tokenizer, top_k=0, top_p=0.9)
+    rollout = agrpo.generate(model, *toy_prompts(tokenizer), args, torch.Generator().manual_seed(0))
+    assert rollout.support_size.max() <= rollout.support.shape[-1] < model.config.vocab_size
+    for t in range(args.sampling_steps):
+        logp, pos = agrpo.step_logprobs(model, rollout, torch.full((2,), t), args)
+        assert torch.allclose(logp, rollout.logp.gather(1, pos), atol=1e-5), t
+
+
+def masks_seen(model):
+    """Record, for every forward of `model`, whether it was given an attention mask."""
+    seen = []
+    handle = model.register_forward_pre_hook(
+        lambda module, a, kw: seen.append(kw.get("attention_mask") is not None), with_kwargs=True)
+    return seen, handle
+
+
+def test_attention_mask_only_for_padded_prompts(toy):
+    """Unpadded prompts (a training micro-batch is one prompt group) give every forward attention_mask=None,
+    in generation and in training; a padded batch still gets its mask."""
+    model, tokenizer = toy
+    args = toy_run_args(tokenizer)
+    seen, handle = masks_seen(model)
+    try:
+        for texts, padded in ((["12+7=", "12+7="], False), (["12+7=", "a longer prompt: 3*4"], True)):
+            seen.clear()
+            rollout = agrpo.generate(model, *toy_prompts(tokenizer, texts), args, torch.Generator().manual_seed(0))
+            agrpo.agrpo_loss(model, rollout, torch.tensor([1.0, -1.0]), args, torch.Generator().manual_seed(1))
+            model.zero_grad(set_to_none=True)
+            assert len(seen) == args.sampling_steps + args.mc_samples and set(seen) == {padded}
+    finally:
+        handle.remove()
+
+
+def test_evaluation_batches_prompts_of_similar_length(toy, tmp_path):
+    """Evaluation sorts prompts by length before batching: two short and two long questions, interleaved, make
+    two unpadded batches (no mask), and the rows come back in the test set's order."""
+    model, tokenizer = toy
+    questions = ["Target: 1", "Target: 1 and a much longer question", "Target: 2",
+                 "Target: 2 and a much longer question"]
+    examples = [{"question": q, "nums": [1, 2, 3], "target": 6} for q in questions]
+    args = toy_run_args(tokenizer, eval_batch_size=2, eval_completion_length=8, eval_block_length=8)
+    seen, handle = masks_seen(model)
+    try:
+        agrpo.evaluate(model, tokenizer, examples, args, 4, tmp_path / "eval.jsonl")
+    finally:
+        handle.remove()
+    assert len(seen) == 2 * 4 and not any(seen)
+    rows = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    assert [r["question"] for r in rows] == questions
+
+
+class RecordingAdamW(torch.optim.AdamW):
+    """AdamW that records the learning rate of every update it takes; `latest` is the newest one made."""
+    latest = None
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.lrs = []
+        RecordingAdamW.latest = self
+
+    def step(self, closure=None):
+        self.lrs.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def released_trainer_by_hand(model, optimizer, rollouts, advantages, args, step, prompts):
+    """The released trainer's updates written plainly: accumulate every micro-batch but the last, then in the
+    last an optimizer update after each sampled step's backward, each clipped."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    G, n = args.group_size, len(rollouts)
+    for i, rollout in enumerate(rollouts[:-1]):
+        agrpo.agrpo_loss(model, rollout, advantages[i * G:(i + 1) * G], args,
+                         agrpo.keyed_generator(args, step, 1, i), scale=1 / prompts)
+    rollout, adv = rollouts[-1], advantages[(n - 1) * G:][:, None]
+    t, weight = agrpo.sample_timesteps(rollout, agrpo.trajectory_length(rollout, args), args,
+                                       agrpo.keyed_generator(args, step, 1, n - 1))
+    for m in range(args.mc_samples):
+        logp, pos = agrpo.step_logprobs(model, rollout, t[:, m], args)
+        ratio = (logp - rollout.logp.gather(1, pos)).exp()
+        term = -torch.min(ratio * adv, ratio.clamp(1 - args.epsilon, 1 + args.epsilon) * adv)
+        ((term * weight[:, m, None]).sum() / (prompts * args.mc_samples * G)).backward()
+        torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def test_released_schedule_updates_after_each_sampled_step(toy, monkeypatch):
+    """--update-schedule released takes M optimizer updates per step, all at one learning rate (the paper's
+    schedule takes one), and its weights equal those of the plain loop above fed the same draws."""
+    monkeypatch.setattr(agrpo.tasks, "reward_parts", count_a)
+    _, tokenizer = toy
+    examples = [{"question": q} for q in ("12+7=", "3*4=")]
+    args = toy_run_args(tokenizer, group_size=2, micro_batch_size=2, mc_samples=3, top_k=0, top_p=1.0,
+                        temperature=1.0, max_grad_norm=0.05, update_schedule="released")
+    start = agrpo.toy_model_and_tokenizer(seed=0)[0]
+    results = {}
+    for schedule in ("paper", "released", "by hand"):
+        model = copy.deepcopy(start)
+        optimizer = RecordingAdamW(model.parameters(), lr=1e-2)
+        cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
+        if schedule == "by hand":
+            rollouts = [agrpo.generate(model.eval(), *agrpo.tokenize_prompts(tokenizer, [ex, ex], args), args,
+                                       agrpo.keyed_generator(args, 1, 0, i)) for i, ex in enumerate(examples)]
+            texts = tokenizer.batch_decode(torch.cat([r.tokens for r in rollouts]), skip_special_tokens=True)
+            rewards = torch.tensor([count_a("", text, {})["correct"] for text in texts])
+            model.train()
+            released_trainer_by_hand(model, optimizer, rollouts, agrpo.group_advantages(rewards, 2), args, 1, 2)
+        else:
+            agrpo.rl_step(model, tokenizer, optimizer, cosine, examples,
+                          dataclasses.replace(args, update_schedule=schedule), 1)
+        results[schedule] = (optimizer.lrs, dict(model.named_parameters()))
+    assert results["paper"][0] == [1e-2] and results["released"][0] == [1e-2] * 3
+    hand, released, paper = (results[k][1] for k in ("by hand", "released", "paper"))
+    assert all(torch.allclose(hand[k], released[k], atol=1e-6) for k in hand)
+    assert any(not torch.allclose(paper[k], released[k], atol=1e-4) for k in hand)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # 4. Rewards (reward.py): correct, wrong, malformed and hostile answers; the offline data generators
 _CD = {"question": "Target: 23\nNumbers: [30, 100, 93]", "nums": [30, 100, 93], "target": 23}
@@ -720,7 +848,7 @@ def test_main_runs_evaluates_logs_and_checkpoints(tmp_path):
         assert all(math.isfinite(m[key]) for m in lines), key
     assert 0 <= lines[1]["eval_T16_accuracy"] <= 1 and lines[1]["eval_T16_seconds_per_completion"] > 0
     rows = [json.loads(line) for line in open(os.path.join(out, "eval-step2-T16.jsonl"))]
-    assert len(rows) == 8 and all(set(r) == {"question", "completion", "length", "score"} for r in rows)
+    assert len(rows) == 8 and all(set(r) == {"index", "question", "completion", "length", "score"} for r in rows)
     assert agrpo.checkpoints(out) == [os.path.join(out, "checkpoint-2")]
     saved = json.load(open(os.path.join(out, "checkpoint-2", "args.json")))
     assert saved["model"] == "toy" and torch.load(os.path.join(out, "checkpoint-2", "state.pt"))["step"] == 2
@@ -751,6 +879,18 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [json.loads(line)["step"] for line in open(os.path.join(crashed, "metrics.jsonl"))]
     assert steps == [1, 2, 3, 4]
+
+
+def test_learning_rate_never_rises_after_its_peak(tmp_path, monkeypatch):
+    """The cosine schedule is sized for the scheduler steps taken: with 3 gradient steps per batch the rate
+    warms up, then only falls, and is still above 0 at the last update (it reaches 0 just after)."""
+    monkeypatch.setattr(agrpo.torch.optim, "AdamW", RecordingAdamW)
+    agrpo.main(FAST + ["--max-steps", "4", "--num-iterations", "3", "--warmup-ratio", "0.1",
+                       "--output-dir", str(tmp_path)])
+    lrs = RecordingAdamW.latest.lrs
+    peak = lrs.index(max(lrs))
+    assert len(lrs) == 12 and lrs[0] < lrs[peak] and 0 < lrs[-1]
+    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])), lrs
 
 
 def test_each_run_gets_its_own_directory_and_latest_resumes_the_newest(tmp_path, monkeypatch):
