@@ -16,16 +16,22 @@ Reference implementation of "Simple Policy Gradients for Reasoning with Diffusio
 Run `python agrpo.py --help` for every flag; `python agrpo.py --task countdown --model toy --device cpu`
 runs the whole method offline on a CPU in seconds.
 """
+import argparse
 import contextlib
 import dataclasses
+import difflib
 import functools
+import itertools
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
 import sys
 import time
+import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
@@ -34,74 +40,71 @@ import torch.distributed as dist
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-import reward as tasks
+import reward
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 0. Config
-def arg(default, help):
-    return field(default=default, metadata={"help": help})
+# 0. Config: every hyperparameter, the authors' settings as defaults
+def arg(default, help, group=None):
+    """A field of Args: its default and its --help text; `group` starts a new --help section at this field."""
+    return field(default=default, metadata={"help": help, "group": group})
 
 
 @dataclass
 class Args:
-    # task and model
-    task: Literal["countdown", "gsm8k", "math500", "sudoku"] = arg("countdown", "Task to train on (reward.py).")
+    task: Literal["countdown", "gsm8k", "math500", "sudoku"] = arg(
+        "countdown", "Task to train on (reward.py).", group="task and model")
     model: str = arg("GSAI-ML/LLaDA-8B-Instruct", "Hub id or local path of a masked diffusion LM; 'toy' builds "
-                     "a tiny random one offline and shrinks the defaults below to a CPU-sized run.")
+                     "a tiny one offline and changes the defaults marked 'toy' to a CPU-sized run.")
     data: Literal["hub", "synthetic"] = arg("hub", "Where examples come from: the paper's hub data sets, or "
                                             "seeded offline generators (countdown, sudoku).")
-    device: str = arg("cuda", "Torch device ('cuda', 'cuda:1', 'cpu').")
+    gsm8k_test: Literal["platinum", "openai"] = arg(
+        "platinum", "GSM8K test set: madrylab/gsm8k-platinum (the authors' choice, label errors fixed) or "
+                    "openai/gsm8k.")
+    device: str = arg("cuda", "Torch device: cuda, cuda:N or cpu.")
     dtype: Literal["bfloat16", "float32"] = arg("bfloat16", "Model weights' dtype.")
     mask_token_id: int = arg(126336, "Id of the mask token (LLaDA: 126336).")
     eos_token_id: Optional[int] = arg(None, "Id of EOS; default: the model config's.")
     train_examples: int = arg(0, "Train on the first N training examples only (0: all).")
-    seed: int = arg(333, "Seed of every random generator.")
-    output_dir: Optional[str] = arg(None, "Where metrics, evaluations and checkpoints go; default: a new "
-                                    "runs/<task>-<date>-<time>, or the run of the checkpoint resumed.")
-    # LoRA (section 4)
-    lora_rank: int = arg(64, "LoRA rank r; 0 trains all weights.")
+    seed: int = arg(333, "Seed of every random draw.")
+    lora_rank: int = arg(64, "LoRA rank r; 0 trains all weights.", group="LoRA (the authors' adapters)")
     lora_alpha: float = arg(64.0, "LoRA alpha (the update is scaled by alpha / r).")
     lora_dropout: float = arg(0.0, "Dropout on the LoRA input.")
     lora_targets: str = arg("q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out",
                             "Comma-separated names of the linear layers that get adapters (LLaDA's names).")
-    # optimisation (section 4)
-    learning_rate: float = arg(5e-6, "AdamW peak learning rate.")
+    learning_rate: float = arg(5e-6, "AdamW peak learning rate.", group="optimisation")
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.99, "AdamW beta2.")
     weight_decay: float = arg(0.01, "AdamW weight decay.")
     max_grad_norm: float = arg(1.0, "Gradient-norm clip.")
-    warmup_ratio: float = arg(0.01, "Share of steps with linear warm-up before the cosine decay.")
+    warmup_ratio: float = arg(0.01, "Share of the schedule warmed up linearly before the cosine decay.")
     num_train_epochs: float = arg(5.0, "Passes over the training prompts (sets the number of steps).")
-    max_steps: int = arg(-1, "Optimizer steps; > 0 overrides num_train_epochs.")
-    # batch (section 4: 16 prompts x 8 completions per optimizer step)
-    prompts_per_step: int = arg(16, "Prompts per optimizer step, over all devices.")
-    group_size: int = arg(8, "Completions per prompt, G (section 3).")
-    micro_batch_size: int = arg(8, "Completions per forward pass on one device (gradient accumulation follows).")
-    # training rollouts (section 1)
+    max_steps: Optional[int] = arg(None, "Training steps; default: as many as --num-train-epochs takes.")
+    prompts_per_step: int = arg(16, "Prompts per training step, over all processes (the authors: 16).")
+    micro_batch_size: int = arg(8, "Completions per forward pass on one process (gradients accumulate).")
+    update_schedule: Literal["paper", "released"] = arg(
+        "paper", "'paper': one optimizer update per batch. 'released': as the authors' released trainer runs, "
+                 "accumulate every micro-batch but a process's last, then update after each of its M sampled "
+                 "steps (see README).")
+    group_size: int = arg(8, "Completions per prompt, G.", group="rollouts (generation as a denoising MDP)")
     completion_length: int = arg(384, "Completion length C.")
     block_length: int = arg(12, "Semi-autoregressive block length BL.")
     sampling_steps: int = arg(128, "Denoising steps T; each reveals C/T tokens.")
     unmasking: Literal["random", "low_confidence"] = arg("random", "Which masked positions a step reveals.")
-    temperature: float = arg(0.6, "Sampling temperature (0 = greedy).")
+    temperature: float = arg(0.6, "Sampling temperature (> 0 for training).")
     top_p: float = arg(0.99, "Nucleus truncation of the support (1 = off).")
     top_k: int = arg(150, "Top-k truncation of the support (0 = off).")
-    # the estimator (section 2) and the objective
-    mc_samples: int = arg(24, "Sampled timesteps M per completion.")
+    mc_samples: int = arg(24, "Sampled timesteps M per completion.", group="the estimator and the objective")
     importance_sampling: Literal["entropy", "uniform"] = arg("entropy", "Distribution q over timesteps.")
     low_discrepancy: bool = arg(True, "Stratify the batch's uniforms before the inverse CDF of q.")
     epsilon: float = arg(0.2, "PPO clip range eps.")
-    beta: float = arg(0.0, "Weight of the k3 KL to the reference (adapters off; needs lora_rank > 0).")
+    beta: float = arg(0.0, "Weight of the k3 KL to the reference (adapters off; needs --lora-rank > 0).")
     num_iterations: int = arg(1, "Gradient steps per batch of rollouts.")
-    update_schedule: Literal["paper", "released"] = arg(
-        "paper", "'paper': one optimizer update per batch. 'released': the authors' released trainer, which "
-        "accumulates every micro-batch but a process's last, then updates after each sampled step of it "
-        "(M updates per step; see README).")
     scale_rewards: Literal["none", "std"] = arg("none", "'std' divides advantages by the group std (GRPO); "
                                                 "the authors only centre them.")
     activation_checkpointing: bool = arg(False, "Recompute activations in the backward pass (saves memory).")
-    # evaluation (section 4: greedy, low-confidence decoding of C=256 in blocks of 32)
-    eval_every: int = arg(0, "Evaluate on the test split every N steps, at the start and at the end (0: never).")
+    eval_every: int = arg(0, "Evaluate every N steps, at the start and at the end (0: never).",
+                          group="evaluation (the authors': greedy, low-confidence, C=256 in blocks of 32)")
     eval_only: bool = arg(False, "Only evaluate (the bare model, or the one restored by --resume).")
     eval_sampling_steps: str = arg("128", "Comma-separated step counts T to evaluate at, e.g. 128,64,32.")
     eval_completion_length: int = arg(256, "Completion length C for evaluation.")
@@ -110,62 +113,34 @@ class Args:
     eval_temperature: float = arg(0.0, "Temperature for evaluation (0 = greedy).")
     eval_batch_size: int = arg(16, "Test prompts per forward pass.")
     eval_examples: int = arg(0, "Evaluate on the first N test examples only (0: all).")
-    # checkpoints
-    save_every: int = arg(15, "Save a checkpoint every N steps (and at the end).")
+    output_dir: Optional[str] = arg(None, "The run's directory; default: a new runs/<task>-<date>-<time>.",
+                                    group="runs and checkpoints")
+    save_every: int = arg(15, "Save a checkpoint every N steps (and at the end; 0: only at the end).")
     keep_checkpoints: int = arg(3, "Keep the newest N checkpoints.")
-    resume: Optional[str] = arg(None, "Continue from a checkpoint directory, or 'latest' in --output-dir.")
-    export: Optional[str] = arg(None, "Write the model (adapters merged, transformers format) to this path "
-                                "and exit; with --resume, the trained one.")
+    resume: Optional[str] = arg(None, "Continue a run with its saved settings (flags typed here override them): "
+                                "'latest' (the newest run under runs/, or --output-dir), a run directory or a "
+                                "checkpoint directory.")
+    export: Optional[str] = arg(None, "Write the model (adapters merged, transformers format) to this new "
+                                "directory and exit; with --resume, the trained one.")
 
     @property
     def eval_steps(self):
-        return [int(t) for t in str(self.eval_sampling_steps).split(",")]
+        return [int(t) for t in self.eval_sampling_steps.split(",")]
 
 
-# `--model toy`: a CPU-sized run. Applied to the fields still at their defaults.
+# `--model toy`: a CPU-sized run. These are its defaults; a flag typed on the command line still wins.
 TOY = dict(data="synthetic", device="cpu", dtype="float32", mask_token_id=2, lora_rank=0, learning_rate=3e-4,
-           prompts_per_step=4, group_size=4, micro_batch_size=16, completion_length=32, block_length=8,
+           prompts_per_step=4, group_size=4, micro_batch_size=4, completion_length=32, block_length=8,
            sampling_steps=16, mc_samples=4, top_k=0, top_p=1.0, temperature=1.0, eval_completion_length=32,
            eval_block_length=8, eval_sampling_steps="16", eval_examples=32)
 
 
-def check_sampler(args):
-    """Reject a sampler geometry or truncation that cannot run, naming the fix (raises ValueError)."""
-    C, BL, T = args.completion_length, args.block_length, args.sampling_steps
+def check_geometry(C, BL, T, flags=("--completion-length", "--block-length", "--sampling-steps")):
+    """C/BL blocks, each revealed in T/(C/BL) steps of k = C/T tokens: raise ValueError naming the fix."""
     if min(C, BL, T) <= 0 or C % BL or T % (C // BL) or BL % (T // (C // BL)):
-        raise ValueError(f"--completion-length {C}, --block-length {BL}, --sampling-steps {T} do not fit: C must "
-                         "be a multiple of BL, T a multiple of the number of blocks C/BL, and each block's BL "
-                         "tokens must split evenly over its T/(C/BL) steps (e.g. C=384, BL=12, T=128)")
-    if not (args.temperature >= 0 and 0 < args.top_p <= 1 and args.top_k >= 0):
-        raise ValueError("need --temperature >= 0, 0 < --top-p <= 1 and --top-k >= 0")
-
-
-def check(args):
-    """Reject settings training cannot run with, naming the fix (raises ValueError)."""
-    check_sampler(args)
-    if args.group_size < 2 or args.mc_samples < 1 or args.num_iterations < 1 or args.temperature <= 0:
-        raise ValueError("training needs --group-size >= 2, --mc-samples >= 1, --num-iterations >= 1 and "
-                         "--temperature > 0 (greedy decoding is for evaluation)")
-    if args.beta > 0 and args.lora_rank == 0:
-        raise ValueError("--beta > 0 needs LoRA (--lora-rank > 0): the reference is the model, adapters off")
-    if not all(t.strip().isdigit() for t in str(args.eval_sampling_steps).split(",")):
-        raise ValueError(f"--eval-sampling-steps {args.eval_sampling_steps!r}: give step counts like 128,64,32")
-    try:
-        for steps in args.eval_steps:
-            check_sampler(dataclasses.replace(args, completion_length=args.eval_completion_length,
-                                              block_length=args.eval_block_length, sampling_steps=steps))
-    except ValueError as e:
-        raise ValueError(f"evaluation settings: {e}".replace("--", "--eval-")) from None
-    if args.micro_batch_size <= 0 or args.prompts_per_step * args.group_size % args.micro_batch_size:
-        raise ValueError(f"--micro-batch-size {args.micro_batch_size} must divide prompts x group size "
-                         f"({args.prompts_per_step} x {args.group_size})")
-
-
-def geometry(args):
-    """Blocks, steps per block and tokens revealed per step k (section 1)."""
-    blocks = args.completion_length // args.block_length
-    steps_per_block = args.sampling_steps // blocks
-    return blocks, steps_per_block, args.block_length // steps_per_block
+        raise ValueError(f"{flags[0]} {C}, {flags[1]} {BL}, {flags[2]} {T} do not fit: C must be a multiple of "
+                         "BL, T a multiple of the number of blocks C/BL, and each block's BL tokens must split "
+                         "evenly over its T/(C/BL) steps (e.g. C=384, BL=12, T=128)")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -256,18 +231,49 @@ def toy_model_and_tokenizer(seed: int):
     return BertForMaskedLM(config), tokenizer
 
 
+def pretrained_class(name):
+    """AutoModel for LLaDA's remote code (its config maps AutoModel to the LM), AutoModelForMaskedLM for any
+    other masked LM, such as one --export wrote. Fails fast when the model is neither here nor reachable."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise ValueError(f"--model {name}: the directory holds no config.json; give a model directory or a hub id")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=True, local_files_only=True)
+    except OSError:  # not on this machine: ask the hub once, before transformers retries it for a minute
+        import huggingface_hub
+        try:
+            huggingface_hub.model_info(name, timeout=10)
+        except Exception as e:
+            if getattr(e, "response", None) is None:  # no answer at all
+                raise ValueError(f"--model {name} is not on this machine and the Hugging Face Hub cannot be "
+                                 f"reached ({type(e).__name__}); check the network, or use --model toy for an "
+                                 "offline run") from None
+        config = AutoConfig.from_pretrained(name, trust_remote_code=True)
+    return AutoModel if "AutoModel" in (getattr(config, "auto_map", None) or {}) else AutoModelForMaskedLM
+
+
 def load_model_and_tokenizer(args):
-    """LLaDA-8B-Instruct through AutoModel (remote code, bf16), or the toy model; fills args.eos_token_id."""
+    """LLaDA-8B-Instruct (remote code, bf16), a model this program exported, or the toy model; fills
+    args.eos_token_id. Raises ValueError, one sentence, when the model cannot be loaded."""
     dtype = getattr(torch, args.dtype)
     if args.model == "toy":
         model, tokenizer = toy_model_and_tokenizer(args.seed)
     else:
-        from transformers import AutoModel, AutoTokenizer
-        tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True, padding_side="left")
-        model = AutoModel.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
+        from transformers import AutoTokenizer
+        try:
+            model_class = pretrained_class(args.model)
+            tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True, padding_side="left")
+            model = model_class.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
+        except (OSError, ImportError) as e:
+            raise ValueError(f"could not load --model {args.model} ({str(e).strip().splitlines()[0][:200]}); "
+                             "check the name, the network or HF_HOME, or use --model toy for an offline run") from None
     if args.eos_token_id is None:
         args.eos_token_id = model.config.eos_token_id if model.config.eos_token_id is not None \
             else tokenizer.eos_token_id
+    vocabulary = model.get_input_embeddings().num_embeddings
+    if args.mask_token_id >= vocabulary:
+        raise ValueError(f"--mask-token-id {args.mask_token_id} is not in the model's vocabulary of {vocabulary}; "
+                         f"set it (the tokenizer's mask token is {tokenizer.mask_token_id})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model = model.to(device=args.device, dtype=dtype)
@@ -366,10 +372,11 @@ def sample_tokens(logits, args, generator):
 def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
     """Semi-autoregressive masked diffusion (section 1): C/BL blocks left to right, T steps in all, each step
     one forward pass and k = C/T revealed tokens of the current block, with everything recorded for section 2."""
-    check_sampler(args)
     B, P = prompt_ids.shape
     C, BL, T = args.completion_length, args.block_length, args.sampling_steps
-    blocks, steps_per_block, k = geometry(args)
+    check_geometry(C, BL, T)
+    blocks, k = C // BL, C // T  # k tokens revealed a step
+    steps_per_block = T // blocks
     dev = prompt_ids.device
     x = torch.cat([prompt_ids, torch.full((B, C), args.mask_token_id, device=dev)], 1)
     prompt_mask = None if prompt_mask.all() else prompt_mask  # unpadded: no mask, so fused attention kernels
@@ -412,13 +419,12 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
 
 # ----------------------------------------------------------------------------------------------------------
 # 3. Rewards and group advantages (section 3)
-def score(tokenizer, completions, examples, args):
-    """Decode completions (N, C) and grade them with reward.py (section 5): the (N, 2) format and correctness
-    parts of the shaped reward, the evaluation score (N,), and the texts."""
+def grade(tokenizer, completions, examples, args):
+    """Decode completions (N, C) and grade each with reward.py: a dict with the parts of the shaped reward
+    ("format", "correct"), the evaluation score ("score", is_correct), the answer the grader read and the text."""
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
-    parts = [tasks.reward_parts(args.task, text, ex) for text, ex in zip(texts, examples)]
-    correct = [tasks.is_correct(args.task, text, ex) for text, ex in zip(texts, examples)]
-    return torch.tensor([[p["format"], p["correct"]] for p in parts]), torch.tensor(correct), texts
+    return [dict(reward.reward_parts(args.task, text, ex), score=reward.is_correct(args.task, text, ex), text=text)
+            for text, ex in zip(texts, examples)]
 
 
 def group_advantages(rewards, group_size, scale="none"):
@@ -463,7 +469,7 @@ def step_logprobs(model, rollout, t, args):
     """log pi(x_i | s_t) of the k tokens each completion revealed at its step t (B,), under the recorded
     support and temperature. s_t is rebuilt by re-masking every token revealed at step >= t (the EOS
     filler included, it is marked with step T). Returns log-probs and positions, both (B, k)."""
-    k = geometry(args)[2]
+    k = args.completion_length // args.sampling_steps
     now = rollout.step == t[:, None]
     pos = now.float().topk(k, dim=-1).indices                                   # the k positions revealed at t
     state = rollout.tokens.masked_fill(rollout.step >= t[:, None], args.mask_token_id)
@@ -489,7 +495,7 @@ def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0, sync
     Under DDP the gradients are all-reduced in the last backward pass only, and only if `sync`; with
     `after_backward` (called after every backward: the released trainer's optimizer updates) in each one.
     Returns metrics."""
-    M, G, k = args.mc_samples, args.group_size, geometry(args)[2]
+    M, G, k = args.mc_samples, args.group_size, args.completion_length // args.sampling_steps
     L = trajectory_length(rollout, args)
     t, weight = sample_timesteps(rollout, L, args, generator)
     adv = advantages[:, None].expand(-1, k)
@@ -521,7 +527,7 @@ def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0, sync
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Training loop (section 4)
+# 5. Training loop: the authors' recipe, on one GPU or many (torchrun)
 def world():
     """(rank, number of processes); torchrun starts one process per GPU."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -543,7 +549,7 @@ def synchronize(args):
 
 
 def prompt_texts(tokenizer, examples, args):
-    return [tokenizer.apply_chat_template(tasks.prompt_messages(args.task, ex), add_generation_prompt=True,
+    return [tokenizer.apply_chat_template(reward.prompt_messages(args.task, ex), add_generation_prompt=True,
                                           tokenize=False) for ex in examples]
 
 
@@ -567,26 +573,48 @@ def prompts_at(examples, seed, position, count):
             for p in range(position, position + count)]
 
 
+class Stop(Exception):
+    """Ctrl-C or SIGTERM came: raised where stopping loses at most the step in progress (see stop_on_signals)."""
+
+
+STOP_SIGNALS = []  # the signals received, filled by stop_on_signals' handler
+
+
+def check_stop(args):
+    """Raise Stop if a signal came, to any process: every process passes the same checks, and stops at one."""
+    stop = bool(STOP_SIGNALS)
+    if world()[1] > 1:
+        flag = torch.tensor(float(stop), device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag)
+    if stop:
+        raise Stop
+
+
 def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
-    """One AGRPO step on this process's whole prompt groups: generate G completions per prompt, score them,
-    then num_iterations gradient steps, with gradients all-reduced once per step under DDP."""
-    rank, size = world()
-    batch = batch[rank * len(batch) // size:(rank + 1) * len(batch) // size]
+    """One AGRPO step on this process's share of whole prompt groups: generate G completions per prompt, grade
+    them, then num_iterations gradient steps. A Stop is raised only before the first optimizer update, so an
+    abandoned step leaves the model and the optimizer as they were. Returns the step's metrics."""
+    rank, world_size = world()
+    batch = batch[rank * len(batch) // world_size:(rank + 1) * len(batch) // world_size]
     G, mb, raw = args.group_size, args.micro_batch_size, unwrap(model)
     examples = [ex for ex in batch for _ in range(G)]
     first = rank * len(examples) // mb  # global index of this process's first micro-batch
     clock = time.perf_counter()
     raw.eval()
-    rollouts = [generate(raw, *tokenize_prompts(tokenizer, examples[i:i + mb], args), args,
-                         keyed_generator(args, step, 0, first + i // mb)) for i in range(0, len(examples), mb)]
+    rollouts = []
+    for i in range(0, len(examples), mb):
+        check_stop(args)
+        rollouts.append(generate(raw, *tokenize_prompts(tokenizer, examples[i:i + mb], args), args,
+                                 keyed_generator(args, step, 0, first + i // mb)))
     synchronize(args)
     seconds = {"generate": time.perf_counter() - clock}
 
     clock = time.perf_counter()
-    parts, correct, _ = score(tokenizer, torch.cat([r.tokens for r in rollouts]), examples, args)
-    rewards = parts.sum(1)
+    graded = grade(tokenizer, torch.cat([r.tokens for r in rollouts]), examples, args)
+    rewards = torch.tensor([g["format"] + g["correct"] for g in graded])
     advantages = group_advantages(rewards, G, args.scale_rewards).to(args.device)
-    seconds["score"] = time.perf_counter() - clock
+    seconds["grade"] = time.perf_counter() - clock
 
     clock = time.perf_counter()
     model.train()
@@ -598,13 +626,17 @@ def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    for it in range(args.num_iterations):
-        losses = []
-        for i, r in enumerate(rollouts):
+    for iteration in range(args.num_iterations):
+        losses = []  # the metrics of the last iteration are the ones reported
+        for i, rollout in enumerate(rollouts):
+            if iteration == 0:
+                check_stop(args)
             last = i == len(rollouts) - 1
             released = last and args.update_schedule == "released"  # an update after every sampled step
-            losses.append(agrpo_loss(model, r, advantages[i * mb:(i + 1) * mb], args,
-                                     keyed_generator(args, step, 1 + it, first + i), scale=1 / len(batch),
+            # scale 1 / (prompts on this process): with the 1 / (M G) inside, the gradient is the mean over
+            # the step's prompts of each group's sum of step-averaged terms / G, whatever the micro-batch size
+            losses.append(agrpo_loss(model, rollout, advantages[i * mb:(i + 1) * mb], args,
+                                     keyed_generator(args, step, 1 + iteration, first + i), scale=1 / len(batch),
                                      sync=last, after_backward=update if released else None))
         if args.update_schedule == "paper":
             update()  # one update per batch, as the paper describes
@@ -613,187 +645,551 @@ def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
     seconds["train"] = time.perf_counter() - clock
 
     spread = rewards.view(-1, G).std(1)
-    lengths = torch.cat([(r.tokens != args.eos_token_id).sum(1) for r in rollouts]).double()
-    metrics = {"reward": rewards.mean(), "reward_format": parts[:, 0].mean(), "reward_correct": parts[:, 1].mean(),
-               "accuracy": correct.mean(), "reward_std": spread.mean(),
+    metrics = {"reward": rewards.mean(), "reward_format": sum(g["format"] for g in graded) / len(graded),
+               "reward_correct": sum(g["correct"] for g in graded) / len(graded),
+               "accuracy": sum(g["score"] for g in graded) / len(graded), "reward_std": spread.mean(),
                "zero_spread_groups": (spread == 0).double().mean(), "advantage_abs": advantages.abs().mean(),
                "advantage_min": advantages.min(), "advantage_max": advantages.max(),
-               "loss": sum(m["loss"] for m in losses), "completion_length": lengths.mean(),
-               "grad_norm": torch.stack(grad_norms).mean(), "lr": schedule.get_last_lr()[0]}
+               "completion_length": torch.cat([(r.tokens != args.eos_token_id).sum(1) for r in rollouts]).double()
+               .mean(), "loss": sum(m["loss"] for m in losses), "grad_norm": torch.stack(grad_norms).mean(),
+               "lr": schedule.get_last_lr()[0]}
     metrics.update({k: sum(m[k] for m in losses) / len(losses) for k in ("clip_low", "clip_high", "kl")})
     metrics.update({f"seconds_{k}": v for k, v in seconds.items()})
-    metrics["tokens_per_second"] = len(examples) * args.completion_length / sum(seconds.values())
+    metrics = mean_over_ranks(metrics, args)
+    metrics["ratio_max_dev"] = max_over_ranks(max(m["ratio_max_dev"] for m in losses), args)
+    metrics["tokens_per_second"] = (args.prompts_per_step * G * args.completion_length /  # all processes'
+                                    sum(metrics[f"seconds_{k}"] for k in seconds))
     if args.device.startswith("cuda"):
-        metrics["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
-    return mean_over_ranks(metrics, args)
+        metrics["peak_memory_gb"] = max_over_ranks(torch.cuda.max_memory_allocated() / 1e9, args)
+    return metrics
 
 
 def mean_over_ranks(metrics, args):
-    """Plain floats, averaged over processes (peak memory: the maximum)."""
+    """The metrics as plain floats, averaged over processes."""
     values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=args.device)
     if world()[1] > 1:
-        peak = values.clone()
         dist.all_reduce(values)
-        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        values = torch.where(torch.tensor([k == "peak_memory_gb" for k in metrics], device=values.device),
-                             peak, values / world()[1])
+        values /= world()[1]
     return dict(zip(metrics, values.tolist()))
 
 
+def max_over_ranks(value, args):
+    value = torch.tensor(float(value), dtype=torch.float64, device=args.device)
+    if world()[1] > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
+
+
+def train(model, tokenizer, train_examples, test_examples, args):
+    """The loop: AGRPO steps, evaluations, metrics and checkpoints, from the start or from --resume."""
+    from transformers import get_cosine_schedule_with_warmup
+    rank, world_size = world()
+    steps = args.max_steps or math.ceil(args.num_train_epochs * len(train_examples) / args.prompts_per_step)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                  weight_decay=args.weight_decay)
+    updates = steps * args.num_iterations  # scheduler steps: one per gradient step on a batch
+    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * updates), updates)
+    step, prompts_seen, elapsed = 0, 0, 0.0
+    if is_checkpoint(args.resume):
+        require(os.path.samefile(args.resume, checkpoints(args.output_dir)[-1]),
+                f"{args.resume} is not the newest checkpoint of {args.output_dir}, and going on from it would "
+                "overwrite the newer ones; resume the newest, or use this one with --eval-only or --export")
+        step, prompts_seen, elapsed = load_checkpoint(args.resume, model, args, optimizer, schedule)
+    done = saved = step
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    log_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if rank == 0:
+        forget_after(log_path, step)
+        print(f"AGRPO on {args.task}: steps {step + 1}..{steps} of {args.prompts_per_step} prompts x "
+              f"{args.group_size} completions on {world_size} process(es), "
+              f"{sum(p.numel() for p in trainable):,} trainable parameters; run directory {args.output_dir}")
+    started = time.time() - elapsed
+    bar = tqdm(range(step + 1, steps + 1), desc="AGRPO", dynamic_ncols=True, disable=rank > 0)
+    try:
+        if args.eval_every and step == 0:  # the starting point of the curve
+            log_metrics(log_path, 0, evaluate_all(model, tokenizer, test_examples, args, 0))
+        for step in bar:
+            torch.manual_seed(keyed_seed(args, step, rank))  # LoRA dropout, seeded per (step, process)
+            batch = prompts_at(train_examples, args.seed, prompts_seen, args.prompts_per_step)
+            metrics = rl_step(model, tokenizer, optimizer, schedule, batch, args, step)  # Stop: step abandoned
+            prompts_seen += args.prompts_per_step
+            done = step
+            log_metrics(log_path, step, {**metrics, "prompts_seen": prompts_seen,
+                                         "elapsed_seconds": time.time() - started})
+            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
+                            len=f"{metrics['completion_length']:.0f}", gen=f"{metrics['seconds_generate']:.1f}s",
+                            train=f"{metrics['seconds_train']:.1f}s")
+            if args.eval_every and (step % args.eval_every == 0 or step == steps):  # Stop: evaluation dropped
+                log_metrics(log_path, step, evaluate_all(model, tokenizer, test_examples, args, step))
+            if step == steps or (args.save_every and step % args.save_every == 0):
+                saved = save_checkpoint(model, optimizer, schedule, step, prompts_seen, time.time() - started, args)
+    except Stop:
+        bar.close()
+        if done > saved:
+            save_checkpoint(model, optimizer, schedule, done, prompts_seen, time.time() - started, args)
+        say(f"stopped by {signal.Signals(STOP_SIGNALS[0]).name} after step {done} of {steps}"
+            f"{' (checkpoint saved)' if done > saved else ''}; resume with: {resume_command(args)}")
+        raise SystemExit(128 + STOP_SIGNALS[0])
+    bar.close()
+    if rank == 0:
+        plot_curves(args.output_dir)
+        say(summary(args.output_dir, time.time() - started))
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 6. Evaluation (section 4: C=256, BL=32, T=128, low_confidence, greedy)
+# 6. Evaluation (the authors': C=256, BL=32, T=128, low_confidence, greedy)
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, args, steps, path):
-    """Decode the test prompts with the evaluation settings at `steps` sampling steps and grade them with
-    reward.is_correct. Each process takes every size-th example; rank 0 writes one JSON line per example."""
-    rank, size = world()
+    """Decode the test prompts with the evaluation settings at `steps` denoising steps and grade them with
+    reward.is_correct. Each process takes every world_size-th example; rank 0 writes one JSON line per example
+    (in the test set's order), with the reference and the answer the grader read, so a score can be audited."""
+    rank, world_size = world()
     eval_args = dataclasses.replace(args, completion_length=args.eval_completion_length, sampling_steps=steps,
                                     block_length=args.eval_block_length, unmasking=args.eval_unmasking,
                                     temperature=args.eval_temperature)
     raw = unwrap(model).eval()
-    mine, rows, seconds = examples[rank::size], [], 0.0
+    mine, rows, seconds = examples[rank::world_size], [], 0.0
     # batches of prompts of similar length, so that few are padded (padding costs a mask: with_completion)
     prompts = tokenizer(prompt_texts(tokenizer, mine, args), add_special_tokens=False)["input_ids"]
     order = sorted(range(len(mine)), key=lambda j: len(prompts[j]))
-    for i in tqdm(range(0, len(mine), args.eval_batch_size), desc=f"eval T={steps}", disable=rank > 0,
-                  leave=False):
+    shard = math.ceil(len(examples) / world_size)  # the same number of batches, hence of checks, everywhere
+    for i in tqdm(range(0, shard, args.eval_batch_size), desc=f"eval T={steps}", disable=rank > 0, leave=False):
+        check_stop(args)
         index = order[i:i + args.eval_batch_size]
+        if not index:
+            continue
         chunk = [mine[j] for j in index]
         clock = time.perf_counter()
         rollout = generate(raw, *tokenize_prompts(tokenizer, chunk, args), eval_args,
                            keyed_generator(args, -1, steps, rank, i))
         synchronize(args)
         seconds += time.perf_counter() - clock
-        _, correct, texts = score(tokenizer, rollout.tokens, chunk, args)
         lengths = (rollout.tokens != args.eos_token_id).sum(1).tolist()
-        rows += [{"index": rank + size * j, "question": ex["question"], "completion": text, "length": n,
-                  "score": c} for j, ex, text, n, c in zip(index, chunk, texts, lengths, correct.tolist())]
-    if size > 1:
-        gathered = [None] * size
+        rows += [{"index": rank + world_size * j, "question": ex["question"],
+                  "reference": reward.reference(args.task, ex), "answer": g["answer"], "score": g["score"],
+                  "length": n, "completion": g["text"]}
+                 for j, ex, g, n in zip(index, chunk, grade(tokenizer, rollout.tokens, chunk, args), lengths)]
+    if world_size > 1:
+        gathered = [None] * world_size
         dist.all_gather_object(gathered, (rows, seconds))
         rows, seconds = [r for part, _ in gathered for r in part], sum(s for _, s in gathered)
-    rows.sort(key=lambda row: row["index"])  # the test set's order
+    rows.sort(key=lambda row: row["index"])
     if rank == 0:
-        with open(path, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
+        write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
     n = max(len(rows), 1)
     return {f"eval_T{steps}_accuracy": sum(r["score"] for r in rows) / n,
             f"eval_T{steps}_completion_length": sum(r["length"] for r in rows) / n,
             f"eval_T{steps}_seconds_per_completion": seconds / n}
 
 
-def evaluate_all(model, tokenizer, examples, args, step):
-    out = {}
+def evaluate_all(model, tokenizer, examples, args, step, name="eval"):
+    """Evaluate at every --eval-sampling-steps T; print each result as it comes."""
+    metrics = {}
     for steps in args.eval_steps:
-        out.update(evaluate(model, tokenizer, examples, args, steps,
-                            os.path.join(args.output_dir, f"eval-step{step}-T{steps}.jsonl")))
-    return out
+        path = os.path.join(args.output_dir, f"{name}-step{step}-T{steps}.jsonl")
+        metrics.update(evaluate(model, tokenizer, examples, args, steps, path))
+        say(f"step {step}: evaluation accuracy {metrics[f'eval_T{steps}_accuracy']:.1%} at T={steps} on "
+            f"{len(examples)} problems ({path})")
+    return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Checkpoints: atomic, resumable, exportable
-STRUCTURE = ("model", "task", "dtype", "lora_rank", "lora_alpha", "lora_targets")  # must match to resume
+# 7. Runs and checkpoints: one directory a run, atomic saves, exact resume, merged export
+STRUCTURE = ("model", "task", "dtype", "lora_rank", "lora_alpha", "lora_targets")  # fixed for a run's life
+ACTIONS = ("resume", "export", "eval_only")  # what one command does: never taken from a saved run
 
 
-def checkpoints(output_dir):
-    found = [d for d in os.listdir(output_dir) if d.startswith("checkpoint-") and d[11:].isdigit()] \
-        if os.path.isdir(output_dir) else []
-    return [os.path.join(output_dir, d) for d in sorted(found, key=lambda d: int(d[11:]))]
+def say(message):
+    """Print on the first process only (also before torch.distributed starts)."""
+    if os.environ.get("RANK", "0") == "0":
+        tqdm.write(message)
 
 
-def save_checkpoint(model, optimizer, schedule, step, prompts_seen, args):
+def write_atomically(path, text):
+    with open(f"{path}.tmp", "w") as f:
+        f.write(text)
+    os.replace(f"{path}.tmp", path)
+
+
+def checkpoints(run):
+    """The run's checkpoint directories, oldest first."""
+    names = [d for d in os.listdir(run) if re.fullmatch(r"checkpoint-\d+", d)] if os.path.isdir(run) else []
+    return [os.path.join(run, d) for d in sorted(names, key=lambda d: int(d.split("-")[1]))]
+
+
+def is_checkpoint(path):
+    return bool(path) and os.path.isfile(os.path.join(path, "state.pt"))
+
+
+def is_run(path):
+    return os.path.isfile(os.path.join(path, "config.json")) or bool(checkpoints(path))
+
+
+def newest_run():
+    """The run under runs/ written to most recently."""
+    runs = [os.path.join("runs", d) for d in os.listdir("runs")] if os.path.isdir("runs") else []
+    runs = [r for r in runs if is_run(r)]
+    if not runs:
+        raise ValueError("there is no run under runs/ to resume; give a run directory, or drop --resume")
+    return max(runs, key=lambda r: max(e.stat().st_mtime for e in os.scandir(r)))
+
+
+def find_resume(resume, output_dir):
+    """(run directory, checkpoint to continue from, or None to restart a run that has none) for --resume
+    latest | RUN | CHECKPOINT."""
+    if is_checkpoint(resume):
+        return os.path.dirname(os.path.normpath(resume)), resume
+    run = (output_dir or newest_run()) if resume == "latest" else resume
+    if not is_run(run):
+        raise ValueError(f"--resume {resume}: {run} holds no run; give a run or checkpoint directory")
+    found = checkpoints(run)
+    if not found and resume == "latest":
+        raise ValueError(f"the newest run, {run}, has no checkpoint yet: restart it with --resume {run}, or "
+                         "start a new run without --resume")
+    return run, (found[-1] if found else None)
+
+
+def new_run_dir(task):
+    """A new runs/<task>-<date>-<time>, created atomically: two runs started in one second get two."""
+    os.makedirs("runs", exist_ok=True)
+    base = os.path.join("runs", f"{task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for n in itertools.count(1):
+        try:
+            os.mkdir(base if n == 1 else f"{base}-{n}")
+            return base if n == 1 else f"{base}-{n}"
+        except FileExistsError:
+            continue
+
+
+def open_run(args):
+    """Claim this command's run directory (rank 0) and write its resolved settings, config.json, there. A new
+    run takes a fresh directory, or an --output-dir that holds no run; a resumed run keeps its own."""
+    if not args.resume:
+        if args.output_dir is None:
+            args.output_dir = new_run_dir(args.task)
+        os.makedirs(args.output_dir, exist_ok=True)
+        if is_run(args.output_dir) or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
+            raise ValueError(f"{args.output_dir} already holds a run: continue it with --resume "
+                             f"{args.output_dir}, or choose another --output-dir")
+    write_atomically(os.path.join(args.output_dir, "config.json"), json.dumps(dataclasses.asdict(args), indent=1))
+    return args.output_dir
+
+
+def save_checkpoint(model, optimizer, schedule, step, prompts_seen, elapsed, args):
     """output_dir/checkpoint-<step>: trainable weights (the adapters under LoRA), optimizer, schedule, step,
-    data position and the resolved config. Written into a temporary directory that is then renamed, so a
-    crash mid-write never leaves a checkpoint that loads wrong; the newest keep_checkpoints are kept."""
-    raw = unwrap(model)
+    data position, run time and the resolved settings. Written into a temporary directory then renamed, so a
+    crash or a full disk mid-write never leaves a checkpoint that loads wrong; the newest keep_checkpoints are
+    kept. Only the first process writes. Returns the step."""
+    if world()[0] > 0:
+        return step
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    torch.save({"model": {n: p.detach() for n, p in raw.named_parameters() if p.requires_grad},
-                "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
-                "prompts_seen": prompts_seen}, os.path.join(tmp, "state.pt"))
-    with open(os.path.join(tmp, "args.json"), "w") as f:
-        json.dump(dataclasses.asdict(args), f, indent=1)
-    shutil.rmtree(final, ignore_errors=True)  # the same step saved again after a resume
-    os.replace(tmp, final)
+    try:
+        os.makedirs(tmp, exist_ok=True)
+        torch.save({"model": {n: p.detach() for n, p in unwrap(model).named_parameters() if p.requires_grad},
+                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
+                    "prompts_seen": prompts_seen, "elapsed": elapsed}, os.path.join(tmp, "state.pt"))
+        with open(os.path.join(tmp, "args.json"), "w") as f:
+            json.dump(dataclasses.asdict(args), f, indent=1)
+        os.replace(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
         shutil.rmtree(old)
+    return step
 
 
-def load_checkpoint(path, model, optimizer, schedule, args):
-    """Restore a checkpoint (a path, or 'latest' in output_dir); returns (step, prompts seen)."""
-    if path == "latest":
-        found = checkpoints(args.output_dir)
-        if not found:
-            raise SystemExit(f"agrpo: no checkpoint in {args.output_dir} to resume; drop --resume to start anew")
-        path = found[-1]
+def load_checkpoint(path, model, args, optimizer=None, schedule=None):
+    """Restore a checkpoint's weights (and the optimizer and schedule, if given); returns (step, prompts seen,
+    seconds run)."""
     try:
-        with open(os.path.join(path, "args.json")) as f:
-            saved = json.load(f)
         state = torch.load(os.path.join(path, "state.pt"), map_location=args.device, weights_only=True)
         weights, step, prompts_seen = state["model"], state["step"], state["prompts_seen"]
     except Exception as e:
-        raise SystemExit(f"agrpo: checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); "
-                         "resume from an earlier one")
-    changed = [f"--{k} {saved.get(k)!r} (now {getattr(args, k)!r})"
-               for k in STRUCTURE if saved.get(k) != getattr(args, k)]
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); resume from "
+                         "an earlier one") from None
     raw = unwrap(model)
-    trainable = {n for n, p in raw.named_parameters() if p.requires_grad}
-    if changed or set(weights) != trainable:
-        raise SystemExit(f"agrpo: checkpoint {path} does not match this model: it was trained with "
-                         f"{', '.join(changed) or 'other trainable weights'}; pass the same settings")
+    if set(weights) != {n for n, p in raw.named_parameters() if p.requires_grad}:
+        raise ValueError(f"checkpoint {path} holds other trainable weights than this model; resume with the "
+                         "settings it was saved with")
     raw.load_state_dict(weights, strict=False)
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    return step, prompts_seen
+    if optimizer is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+    return step, prompts_seen, state.get("elapsed", 0.0)
 
 
 def export(model, tokenizer, path):
-    """Fold the adapters into the weights and write a transformers model that from_pretrained loads back."""
-    merge_lora(unwrap(model)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
+    """Fold the adapters into the weights and write a transformers model that from_pretrained loads back (into
+    a temporary directory, then renamed)."""
+    tmp = path.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    merge_lora(unwrap(model)).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    os.replace(tmp, path)
+    say(f"exported the merged model to {path}")
+
+
+def log_metrics(log_path, step, metrics):
+    if world()[0] == 0:
+        with open(log_path, "a") as log:
+            log.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def read_metrics(log_path):
+    """The metric lines of a run (a last line cut short by a crash is skipped)."""
+    if not os.path.exists(log_path):
+        return []
+    with open(log_path) as f:
+        return [json.loads(line) for line in f.read().splitlines(keepends=True) if line.endswith("\n")]
+
+
+def forget_after(log_path, step):
+    """Keep the metric lines of steps up to `step`, the checkpoint resumed (none when a run restarts)."""
+    rows = [row for row in read_metrics(log_path) if 0 < step and row["step"] <= step]
+    if os.path.exists(log_path):
+        write_atomically(log_path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+def resume_command(args):
+    launcher = f"torchrun --nproc_per_node {world()[1]} agrpo.py" if world()[1] > 1 else "python agrpo.py"
+    return f"{launcher} --resume {args.output_dir}"
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop at its next check (check_stop): the step in progress
+    is finished or abandoned, a checkpoint written, and the resume command printed. A second signal stops at
+    once; the checkpoints already written are intact."""
+    def ask(signum, frame):
+        if STOP_SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        STOP_SIGNALS.append(signum)
+        say(f"{signal.Signals(signum).name}: stopping at the next safe point (again to stop at once)")
+
+    STOP_SIGNALS.clear()
+    previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def plot_curves(run):
+    """run/curves.svg: reward, accuracy, evaluation accuracy and completion length against the step, an image
+    any browser opens (nothing to install)."""
+    rows = read_metrics(os.path.join(run, "metrics.jsonl"))
+    evals = sorted({k for r in rows for k in r if k.startswith("eval_T") and k.endswith("_accuracy")})
+    panels = [("reward", ["reward"]), ("training accuracy", ["accuracy"]), ("evaluation accuracy", evals),
+              ("completion length", ["completion_length"])]
+    W, H, colors = 380, 220, ("#1f77b4", "#d62728", "#2ca02c", "#9467bd")
+    svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{2 * H}" font-family="sans-serif" '
+           'font-size="11"><rect width="100%" height="100%" fill="white"/>']
+    for n, (title, keys) in enumerate(panels):
+        x0, y0 = n % 2 * W + 50, n // 2 * H + 25
+        series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
+        points = [p for s in series.values() for p in s] or [(0, 0)]
+        (s0, s1), (v0, v1) = [(min(c), max(c)) for c in zip(*points)]
+        x = lambda s: x0 + (s - s0) / ((s1 - s0) or 1) * (W - 70)
+        y = lambda v: y0 + H - 60 - (v - v0) / ((v1 - v0) or 1) * (H - 70)
+        svg.append(f'<text x="{x0}" y="{y0 - 8}" font-weight="bold">{title}</text>'
+                   f'<rect x="{x0}" y="{y0}" width="{W - 70}" height="{H - 60}" fill="none" stroke="#999"/>'
+                   f'<text x="{x0 - 4}" y="{y0 + 8}" text-anchor="end">{v1:.3g}</text>'
+                   f'<text x="{x0 - 4}" y="{y0 + H - 60}" text-anchor="end">{v0:.3g}</text>'
+                   f'<text x="{x0}" y="{y0 + H - 46}">step {s0}</text>'
+                   f'<text x="{x0 + W - 70}" y="{y0 + H - 46}" text-anchor="end">step {s1}</text>')
+        for i, (color, (key, pts)) in enumerate(zip(colors, series.items())):
+            svg.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="'
+                       + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts) + '"/>'
+                       + "".join(f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2.5" fill="{color}"/>'
+                                 for s, v in pts if len(pts) < 30))
+            if len(keys) > 1:
+                svg.append(f'<text x="{x0 + 6}" y="{y0 + 14 + 13 * i}" fill="{color}">{key}</text>')
+    write_atomically(os.path.join(run, "curves.svg"), "\n".join(svg + ["</svg>\n"]))
+
+
+def summary(run, seconds):
+    """A paragraph on the run: length, reward and accuracy at the start and the end, where the files are."""
+    rows = read_metrics(os.path.join(run, "metrics.jsonl"))
+    steps = [r for r in rows if "reward" in r]
+    if not steps:
+        return f"no training step was logged in {run}"
+    n = max(1, len(steps) // 10)
+    first, last = steps[:n], steps[-n:]
+    mean = lambda part, key: sum(r[key] for r in part) / len(part)
+    took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
+    text = (f"Done: {steps[-1]['step']} steps, {steps[-1]['prompts_seen']:,} prompts, in {took}. "
+            f"Training reward {mean(first, 'reward'):.2f} -> {mean(last, 'reward'):.2f} and accuracy "
+            f"{mean(first, 'accuracy'):.1%} -> {mean(last, 'accuracy'):.1%} (means of the first and last {n} "
+            "steps).")
+    for key in sorted({k for r in rows for k in r if k.startswith("eval_T") and k.endswith("_accuracy")}):
+        points = [(r["step"], r[key]) for r in rows if key in r]
+        text += (f" Evaluation accuracy at T={key[6:-9]}: {points[0][1]:.1%} at step {points[0][0]} -> "
+                 f"{points[-1][1]:.1%} at step {points[-1][0]}.")
+    return text + (f"\nCurves: {os.path.join(run, 'curves.svg')}  metrics: {os.path.join(run, 'metrics.jsonl')}  "
+                   f"checkpoints: {run}")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. main
+# 8. Command line: flags, config files, the toy preset, resumed settings, clear errors, main
+def flag(name):
+    return "--" + name.replace("_", "-")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence through main, with the nearest flag for a misspelt one
+        typo = re.search(r"unrecognized arguments: (--[\w-]+)", message)
+        near = difflib.get_close_matches(typo[1], self._option_string_actions, n=1) if typo else []
+        raise ValueError(message + (f" (did you mean {near[0]}?)" if near else "") + "; see --help")
+
+
+def build_parser():
+    """One flag per field of Args, grouped as Args is; every default is SUPPRESS, so that parsing returns only
+    what was typed."""
+    parser = Parser(prog="agrpo.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                    usage="python agrpo.py [config.yaml] [--flag value ...]   (torchrun ... agrpo.py for DDP)",
+                    formatter_class=argparse.RawDescriptionHelpFormatter,
+                    description="AGRPO: policy gradients for masked diffusion language models. Defaults are the "
+                                "authors' settings for LLaDA-8B-Instruct on a GPU.",
+                    epilog="examples:\n  python agrpo.py --task countdown\n"
+                           "  python agrpo.py --task countdown --model toy --device cpu\n"
+                           "  python agrpo.py my.yaml --learning-rate 1e-5\n  python agrpo.py --resume latest")
+    parser.add_argument("config", nargs="?", help="a JSON or YAML file of settings, keys named as the flags "
+                        "(with - or _); flags typed as well override it")
+    group = parser
+    for f in dataclasses.fields(Args):
+        if f.metadata["group"]:
+            group = parser.add_argument_group(f.metadata["group"])
+        default = "" if f.default is None else f" (default: {f.default}" + (
+            f"; toy: {TOY[f.name]})" if f.name in TOY else ")")
+        options = dict(help=(f.metadata["help"] + default).replace("%", "%%"))
+        if f.type is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(f.type) is Literal:
+            options["choices"] = typing.get_args(f.type)
+        else:  # int, float, str, or Optional of one of them
+            options["type"] = typing.get_args(f.type)[0] if typing.get_args(f.type) else f.type
+            options["metavar"] = {int: "N", float: "X"}.get(options["type"], f.name.split("_")[-1].upper())
+        group.add_argument(flag(f.name), **options)
+    return parser
+
+
+def config_flags(path):
+    """A JSON or YAML file of settings as flags, so that they are checked as typed ones are."""
+    import yaml
+    with open(path) as f:
+        settings = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if not isinstance(settings, dict):
+        raise ValueError(f"{path} should hold a mapping of settings, like learning_rate: 1.0e-5")
+    flags = []
+    for key, value in settings.items():
+        name = flag(str(key))
+        if isinstance(value, bool):
+            flags.append(name if value else "--no-" + name[2:])
+        elif value is not None:
+            flags += [name, str(value)]
+    return flags
+
+
 def parse_args(argv=None):
-    from transformers import HfArgumentParser
-    parser = HfArgumentParser(Args)
-    argv = sys.argv[1:] if argv is None else argv
-    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
-        (args,) = parser.parse_yaml_file(argv[0]) if argv[0].endswith(("yaml", "yml")) \
-            else parser.parse_json_file(argv[0])
-    else:
-        args, unknown = parser.parse_args_into_dataclasses(argv, return_remaining_strings=True)
-        if unknown:
-            raise ValueError(f"unknown arguments {' '.join(unknown)}; see --help")
-    if args.model == "toy":
-        defaults = Args()
-        for name, value in TOY.items():
-            if getattr(args, name) == getattr(defaults, name):
-                setattr(args, name, value)
-    if args.output_dir is None:
-        args.output_dir = default_output_dir(args)
+    """The settings, from the lowest priority to the highest: Args' defaults, the --model toy preset, a
+    resumed run's saved settings, a config file, the flags typed. Validated."""
+    parser = build_parser()
+    typed = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))  # only what was typed
+    if "config" in typed:
+        path = typed.pop("config")
+        try:
+            typed = {**vars(parser.parse_args(config_flags(path))), **typed}
+        except ValueError as e:
+            raise ValueError(f"{path}: {e}") from None
+    saved, run = {}, {}
+    if typed.get("resume"):
+        directory, checkpoint = find_resume(typed["resume"], typed.get("output_dir"))
+        saved = saved_settings(checkpoint or directory, typed)
+        run = dict(output_dir=directory, resume=checkpoint or directory)  # no checkpoint: restart the run
+    preset = TOY if {**saved, **typed}.get("model") == "toy" else {}
+    args = Args(**{**preset, **saved, **typed, **run})
+    validate(args)
     return args
 
 
-def default_output_dir(args):
-    """The run a checkpoint belongs to; for 'latest', the run under runs/ saved most recently; else a new one."""
-    if args.resume == "latest":
-        runs = [d for d in (os.path.join("runs", r) for r in sorted(os.listdir("runs")))
-                if checkpoints(d)] if os.path.isdir("runs") else []
-        if not runs:
-            raise ValueError("no checkpoint under runs/ to resume; give --output-dir, or drop --resume")
-        return max(runs, key=lambda d: os.path.getmtime(checkpoints(d)[-1]))
-    if args.resume:
-        return os.path.dirname(os.path.normpath(args.resume))
-    return os.path.join("runs", f"{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+def saved_settings(path, typed):
+    """The settings a run was saved with (a checkpoint's args.json, or the run's config.json). Prints what a
+    typed flag changes; refuses a change of the model's structure."""
+    try:
+        with open(os.path.join(path, "args.json" if is_checkpoint(path) else "config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"the settings of {path} cannot be read ({e}); resume from another checkpoint") from None
+    saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)} - set(ACTIONS)}
+    for name in sorted(set(typed) & set(saved) - {"output_dir"}):
+        if typed[name] != saved[name]:
+            if name in STRUCTURE:
+                raise ValueError(f"{flag(name)} {typed[name]}: {path} was trained with {saved[name]}, and a "
+                                 "model's structure cannot change on resume; drop the flag")
+            say(f"resume: {flag(name)} {saved[name]} -> {typed[name]}")
+    return saved
+
+
+def require(ok, message):
+    if not ok:
+        raise ValueError(message)
+
+
+def validate(args):
+    """Check every setting before anything runs; the first that cannot work raises ValueError naming the fix."""
+    bounds = [  # fields, test, what they must be
+        (("prompts_per_step", "micro_batch_size", "mc_samples", "num_iterations", "eval_batch_size",
+          "keep_checkpoints", "max_steps"), lambda v: v >= 1, "at least 1"),
+        (("mask_token_id", "eos_token_id", "train_examples", "eval_examples", "lora_rank", "top_k", "eval_every",
+          "save_every", "learning_rate", "weight_decay", "beta", "eval_temperature"), lambda v: v >= 0, "0 or more"),
+        (("lora_alpha", "max_grad_norm", "num_train_epochs", "epsilon"), lambda v: v > 0, "more than 0"),
+        (("temperature",), lambda v: v > 0, "more than 0 (greedy decoding, 0, is for --eval-temperature)"),
+        (("adam_beta1", "adam_beta2", "warmup_ratio", "lora_dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
+        (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
+        (("group_size",), lambda v: v >= 2, "at least 2 (advantages compare the completions of a prompt)"),
+    ]
+    for names, ok, what in bounds:
+        for name in names:
+            value = getattr(args, name)
+            require(value is None or ok(value), f"{flag(name)} {value}: must be {what}")
+    require(args.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", args.device),
+            f"--device {args.device}: use cuda, cuda:N (a GPU) or cpu")
+    require(args.beta == 0 or args.lora_rank > 0, "--beta > 0 needs LoRA (--lora-rank > 0): the reference is "
+            "the model with its adapters off")
+    require(all(name.strip() for name in args.lora_targets.split(",")), "--lora-targets: give layer names, "
+            "comma-separated")
+    check_geometry(args.completion_length, args.block_length, args.sampling_steps)
+    require(re.fullmatch(r"\d+(,\d+)*", args.eval_sampling_steps), f"--eval-sampling-steps "
+            f"{args.eval_sampling_steps}: give step counts like 128,64,32")
+    for steps in args.eval_steps:
+        check_geometry(args.eval_completion_length, args.eval_block_length, steps,
+                       ("--eval-completion-length", "--eval-block-length", "--eval-sampling-steps"))
+    check_batch(args, 1)
+    for name in ("output_dir", "export"):
+        path = getattr(args, name)
+        require(path is None or not os.path.isfile(path), f"{flag(name)} {path} is a file; give a directory")
+    require(args.export is None or not os.path.isdir(args.export) or not os.listdir(args.export),
+            f"--export {args.export} is not empty; give a new directory (nothing is overwritten)")
+
+
+def check_batch(args, world_size):
+    """Whole prompt groups on every process, and micro-batches that split each process's completions."""
+    per_process = args.prompts_per_step // world_size * args.group_size
+    if args.prompts_per_step % world_size or per_process % args.micro_batch_size:
+        prompts = math.ceil(args.prompts_per_step / world_size) * world_size
+        raise ValueError(f"{world_size} process(es) need --prompts-per-step divisible by {world_size} and "
+                         f"--micro-batch-size dividing each process's prompts x --group-size; e.g. "
+                         f"--prompts-per-step {prompts} --micro-batch-size {args.group_size}")
 
 
 def init_distributed(args):
     """Under torchrun (RANK is set): one process per GPU, NCCL on GPUs and gloo on CPUs."""
-    if "RANK" not in os.environ:
+    if "RANK" not in os.environ or dist.is_initialized():
         return
     cuda = args.device.startswith("cuda")
     if cuda:
@@ -802,35 +1198,42 @@ def init_distributed(args):
     dist.init_process_group("nccl" if cuda else "gloo")
 
 
+def on_rank0(fn, *fn_args):
+    """fn(*fn_args) on the first process only; its result, or its error, goes to every process."""
+    result = (None, None)
+    if world()[0] == 0:
+        try:
+            result = (fn(*fn_args), None)
+        except (ValueError, OSError) as e:
+            result = (None, e)
+    if world()[1] > 1:
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    if result[1] is not None:
+        raise result[1]
+    return result[0]
+
+
 def setup(args):
-    """Everything that can fail for reasons outside the code, each failure one clear sentence."""
-    check(args)
+    """Everything that can fail for reasons outside the code, each failure one clear sentence (ValueError)."""
     if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise SystemExit("agrpo: CUDA is not available here. LLaDA-8B needs a GPU (see README); "
-                         "for an offline CPU run use --model toy --device cpu")
+        raise ValueError("CUDA is not available here. LLaDA-8B needs a GPU (see README); for an offline CPU run "
+                         "use --model toy --device cpu")
     init_distributed(args)
-    size = world()[1]
-    if args.prompts_per_step % size or args.prompts_per_step // size * args.group_size % args.micro_batch_size:
-        raise ValueError(f"{size} processes need --prompts-per-step divisible by {size}, and --micro-batch-size "
-                         f"dividing each process's {args.prompts_per_step // size} x {args.group_size} "
-                         "completions")
+    check_batch(args, world()[1])
     try:
-        train = [] if args.eval_only else \
-            tasks.load_examples(args.task, "train", args.data, n=args.train_examples or None, seed=args.seed)
-        test = tasks.load_examples(args.task, "test", args.data, n=args.eval_examples or None) \
-            if args.eval_every or args.eval_only else []
-    except tasks.DataUnavailable as e:
-        raise SystemExit(f"agrpo: {e}")
-    if not (train or args.eval_only):
-        raise ValueError(f"no training examples for {args.task}")
-    try:
-        model, tokenizer = load_model_and_tokenizer(args)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"agrpo: could not load model {args.model!r} ({str(e).splitlines()[0][:200]}). Check "
-                         "the name and the network (or HF_HOME cache), or use --model toy for an offline run")
+        train_examples = [] if args.eval_only or args.export else reward.load_examples(
+            args.task, "train", args.data, n=args.train_examples or None, seed=args.seed)
+        test_examples = reward.load_examples(args.task, "test", args.data, n=args.eval_examples or None,
+                                             gsm8k_test=args.gsm8k_test) if args.eval_every or args.eval_only else []
+    except reward.DataUnavailable as e:
+        raise ValueError(str(e)) from None
+    require(train_examples or args.eval_only or args.export, f"no training examples for {args.task}")
+    model, tokenizer = load_model_and_tokenizer(args)
     if args.activation_checkpointing:
         enable_activation_checkpointing(model)
-    return model, tokenizer, train, test
+    return model, tokenizer, train_examples, test_examples
 
 
 def enable_activation_checkpointing(model):
@@ -843,84 +1246,43 @@ def enable_activation_checkpointing(model):
         raise ValueError("this model offers no activation checkpointing; drop --activation-checkpointing")
 
 
+def describe(error):
+    """One sentence for a filesystem error: what could not be done to which file."""
+    if error.filename is None:
+        return str(error)
+    return f"cannot write {error.filename}: {(error.strerror or str(error)).lower()}; nothing saved before is lost"
+
+
 def main(argv=None):
+    """Train (or evaluate, or export) as the flags say. Expected failures end with one sentence, not a
+    traceback; Ctrl-C and SIGTERM save and print how to resume."""
     try:
         args = parse_args(argv)
-        model, tokenizer, train, test = setup(args)
-    except (ValueError, OSError) as e:
-        raise SystemExit(f"agrpo: {e}")
-    from transformers import get_cosine_schedule_with_warmup
-    rank, size = world()
-    steps = args.max_steps if args.max_steps > 0 else \
-        math.ceil(args.num_train_epochs * len(train) / args.prompts_per_step)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                  weight_decay=args.weight_decay)
-    updates = steps * args.num_iterations  # scheduler steps: one per gradient step on a batch
-    schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * updates), updates)
-    if rank == 0:
-        os.makedirs(args.output_dir, exist_ok=True)
-    step, prompts_seen = load_checkpoint(args.resume, model, optimizer, schedule, args) if args.resume else (0, 0)
-    if args.export:
-        if rank == 0:
-            export(model, tokenizer, args.export)
-            print(f"exported the merged model to {args.export}")
-        return
-    if size > 1:
-        model = nn.parallel.DistributedDataParallel(model)
-    log_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if args.eval_only:
-        metrics = evaluate_all(model, tokenizer, test, args, step)
-        if rank == 0:
-            print(json.dumps(metrics, indent=1))
-        return metrics
-    if not args.resume and rank == 0 and (checkpoints(args.output_dir) or os.path.exists(log_path)):
-        raise SystemExit(f"agrpo: {args.output_dir} already holds a run; continue it with --resume latest "
-                         "or choose another --output-dir")
-    if rank == 0:
-        forget_after(log_path, step)
-        print(f"AGRPO on {args.task}: {len(train)} prompts, steps {step + 1}..{steps} of {args.prompts_per_step} "
-              f"x {args.group_size} completions on {size} process(es), "
-              f"{sum(p.numel() for p in trainable):,} trainable parameters")
-    if args.eval_every and step == 0:  # the starting point of the curve
-        log_metrics(log_path, 0, evaluate_all(model, tokenizer, test, args, 0))
-    bar = tqdm(range(step + 1, steps + 1), desc="AGRPO", dynamic_ncols=True, disable=rank > 0)
-    for step in bar:
-        torch.manual_seed(keyed_seed(args, step, rank))  # LoRA dropout
-        batch = prompts_at(train, args.seed, prompts_seen, args.prompts_per_step)
-        prompts_seen += args.prompts_per_step
-        metrics = rl_step(model, tokenizer, optimizer, schedule, batch, args, step)
-        if args.eval_every and (step % args.eval_every == 0 or step == steps):
-            metrics.update(evaluate_all(model, tokenizer, test, args, step))
-        log_metrics(log_path, step, metrics)
-        if rank == 0:
-            bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                            len=f"{metrics['completion_length']:.0f}",
-                            gen=f"{metrics['seconds_generate']:.1f}s", train=f"{metrics['seconds_train']:.1f}s")
-            if step == steps or (args.save_every and step % args.save_every == 0):
-                save_checkpoint(model, optimizer, schedule, step, prompts_seen, args)
-    if rank == 0:
-        print(f"done: metrics in {log_path}, checkpoints in {args.output_dir}")
-    if size > 1:
-        dist.barrier()  # let rank 0 finish writing before any process leaves
-        del model  # DDP's reducer goes before its process group
-        dist.destroy_process_group()
-
-
-def log_metrics(log_path, step, metrics):
-    if world()[0] == 0:
-        with open(log_path, "a") as log:
-            log.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
-def forget_after(log_path, step):
-    """Drop the metric lines of steps after `step`, left by a run that crashed before its next checkpoint
-    (and a last line cut short by the crash)."""
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            lines = f.read().splitlines(keepends=True)
-        with open(log_path, "w") as f:
-            f.writelines(line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step)
+        model, tokenizer, train_examples, test_examples = setup(args)
+        step = 0
+        if (args.export or args.eval_only) and is_checkpoint(args.resume):  # training loads its own
+            step = load_checkpoint(args.resume, model, args)[0]
+        if args.export:
+            if world()[0] == 0:
+                export(model, tokenizer, args.export)
+            return None
+        if not (args.eval_only and args.resume):  # an evaluation of a run adds files to it, nothing else
+            args.output_dir = on_rank0(open_run, args)
+        with stop_on_signals():
+            if args.eval_only:
+                return evaluate_all(model, tokenizer, test_examples, args, step,
+                                    name=f"eval-only-{time.strftime('%Y%m%d-%H%M%S')}")
+            train(model, tokenizer, train_examples, test_examples, args)
+    except ValueError as e:
+        raise SystemExit(f"agrpo: {e}") from None
+    except OSError as e:
+        raise SystemExit(f"agrpo: {describe(e)}") from None
+    except Stop:
+        raise SystemExit(f"agrpo: stopped by {signal.Signals(STOP_SIGNALS[0]).name}; nothing was written")
+    finally:
+        if dist.is_initialized():
+            dist.barrier()  # let rank 0 finish writing before any process leaves
+            dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -9,11 +9,16 @@
 """
 import copy
 import dataclasses
+import glob
 import json
 import math
 import os
 import random
+import re
 import shutil
+import signal
+import socket
+import subprocess
 import sys
 import time
 import types
@@ -484,7 +489,7 @@ def released_trainer_by_hand(model, optimizer, rollouts, advantages, args, step,
 def test_released_schedule_updates_after_each_sampled_step(toy, monkeypatch):
     """--update-schedule released takes M optimizer updates per step, all at one learning rate (the paper's
     schedule takes one), and its weights equal those of the plain loop above fed the same draws."""
-    monkeypatch.setattr(agrpo.tasks, "reward_parts", count_a)
+    monkeypatch.setattr(reward, "reward_parts", count_a)
     _, tokenizer = toy
     examples = [{"question": q} for q in ("12+7=", "3*4=")]
     args = toy_run_args(tokenizer, group_size=2, micro_batch_size=2, mc_samples=3, top_k=0, top_p=1.0,
@@ -824,61 +829,84 @@ def test_toy_model_learns_a_toy_reward():
 FAST = ["--task", "countdown", "--model", "toy", "--completion-length", "16", "--sampling-steps", "8",
         "--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "4", "--mc-samples", "2",
         "--train-examples", "64"]
+AGRPO = os.path.abspath(agrpo.__file__)
 
 
 def count_a(task, completion, example):
     """A reward the random toy model can improve on: the share of 'a' among the characters it writes."""
-    return {"format": 0.0, "correct": completion.count("a") / max(len(completion), 1)}
+    return {"format": 0.0, "correct": completion.count("a") / max(len(completion), 1), "answer": None}
 
 
 def trained(path):
     return torch.load(os.path.join(path, "state.pt"))["model"]
 
 
-def test_main_runs_evaluates_logs_and_checkpoints(tmp_path):
+def metric_lines(run):
+    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+
+def test_main_runs_evaluates_logs_and_checkpoints(tmp_path, capsys):
+    """A toy run evaluates at the start and the end, logs every metric the README lists (one line a step, and
+    one an evaluation), writes auditable evaluation rows, a checkpoint, curves.svg, and prints a summary."""
     out = str(tmp_path / "run")
     agrpo.main(["--task", "countdown", "--model", "toy", "--max-steps", "2", "--eval-every", "2",
                 "--eval-examples", "8", "--train-examples", "64", "--output-dir", out])
-    lines = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
-    assert [m["step"] for m in lines] == [0, 1, 2] and "eval_T16_accuracy" in lines[0]
-    lines = lines[1:]
-    for key in ("reward", "reward_format", "reward_correct", "accuracy", "zero_spread_groups", "advantage_abs",
-                "completion_length", "clip_low", "clip_high", "kl", "grad_norm", "lr", "seconds_generate",
-                "seconds_score", "seconds_train", "tokens_per_second"):
-        assert all(math.isfinite(m[key]) for m in lines), key
-    assert 0 <= lines[1]["eval_T16_accuracy"] <= 1 and lines[1]["eval_T16_seconds_per_completion"] > 0
+    lines = metric_lines(out)
+    assert [(m["step"], "reward" in m) for m in lines] == [(0, False), (1, True), (2, True), (2, False)]
+    for key in ("reward", "reward_format", "reward_correct", "accuracy", "reward_std", "zero_spread_groups",
+                "advantage_abs", "advantage_min", "advantage_max", "completion_length", "loss", "clip_low",
+                "clip_high", "kl", "ratio_max_dev", "grad_norm", "lr", "seconds_generate", "seconds_grade",
+                "seconds_train", "tokens_per_second", "prompts_seen", "elapsed_seconds"):
+        assert all(math.isfinite(m[key]) for m in lines[1:3]), key
+    assert [m["prompts_seen"] for m in lines[1:3]] == [4, 8]
+    assert lines[1]["tokens_per_second"] == pytest.approx(
+        4 * 4 * 32 / sum(lines[1][f"seconds_{k}"] for k in ("generate", "grade", "train")))
+    assert 0 <= lines[3]["eval_T16_accuracy"] <= 1 and lines[3]["eval_T16_seconds_per_completion"] > 0
     rows = [json.loads(line) for line in open(os.path.join(out, "eval-step2-T16.jsonl"))]
-    assert len(rows) == 8 and all(set(r) == {"index", "question", "completion", "length", "score"} for r in rows)
+    assert len(rows) == 8 and [r["index"] for r in rows] == list(range(8))
+    assert all(set(r) == {"index", "question", "reference", "answer", "score", "length", "completion"} for r in rows)
     assert agrpo.checkpoints(out) == [os.path.join(out, "checkpoint-2")]
     saved = json.load(open(os.path.join(out, "checkpoint-2", "args.json")))
-    assert saved["model"] == "toy" and torch.load(os.path.join(out, "checkpoint-2", "state.pt"))["step"] == 2
+    assert saved == json.load(open(os.path.join(out, "config.json"))) and saved["model"] == "toy"
+    assert torch.load(os.path.join(out, "checkpoint-2", "state.pt"))["step"] == 2
+    import xml.etree.ElementTree as ElementTree
+    assert len(ElementTree.parse(os.path.join(out, "curves.svg")).getroot().findall(".//{*}polyline")) == 4
+    printed = capsys.readouterr().out
+    assert "step 0: evaluation accuracy" in printed and "step 2: evaluation accuracy" in printed
+    assert "Done: 2 steps, 8 prompts" in printed and "curves.svg" in printed
 
 
-def test_eval_only_at_several_step_counts(tmp_path):
-    metrics = agrpo.main(["--model", "toy", "--eval-only", "--eval-sampling-steps", "16,8", "--eval-examples",
-                          "4", "--output-dir", str(tmp_path)])
-    assert {"eval_T16_accuracy", "eval_T8_accuracy", "eval_T8_completion_length"} <= set(metrics)
-    assert sum(1 for _ in open(tmp_path / "eval-step0-T8.jsonl")) == 4
+def test_eval_only_writes_its_own_files_and_says_where(tmp_path, capsys):
+    """--eval-only of a trained run evaluates the restored model at several step counts into new files next
+    to the training-time ones (never over them), and prints where."""
+    run = str(tmp_path / "run")
+    agrpo.main(FAST + ["--max-steps", "1", "--eval-every", "1", "--eval-examples", "4", "--output-dir", run])
+    before = {name: open(os.path.join(run, name)).read() for name in os.listdir(run) if name.startswith("eval")}
+    metrics = agrpo.main(["--resume", run, "--eval-only", "--eval-sampling-steps", "8,4"])
+    assert {"eval_T8_accuracy", "eval_T4_accuracy", "eval_T4_completion_length"} <= set(metrics)
+    new = [n for n in os.listdir(run) if n.startswith("eval-only-") and n.endswith("-step1-T4.jsonl")]
+    assert len(new) == 1 and sum(1 for _ in open(os.path.join(run, new[0]))) == 4
+    assert all(open(os.path.join(run, name)).read() == text for name, text in before.items())
+    assert new[0] in capsys.readouterr().out
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     """2 steps, a crash, resume, 2 steps == 4 uninterrupted steps, bit for bit; the log keeps one line a step."""
-    monkeypatch.setattr(agrpo.tasks, "reward_parts", count_a)
+    monkeypatch.setattr(reward, "reward_parts", count_a)
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     agrpo.main(FAST + ["--max-steps", "4", "--save-every", "2", "--output-dir", straight])
     agrpo.main(FAST + ["--max-steps", "4", "--save-every", "2", "--output-dir", crashed])
     shutil.rmtree(os.path.join(crashed, "checkpoint-4"))  # as if the run died before its last save,
     with open(os.path.join(crashed, "metrics.jsonl"), "a") as f:  # in the middle of a metrics line
         f.write('{"step": 5, "rew')
-    with pytest.raises(SystemExit, match="already holds a run"):
+    with pytest.raises(SystemExit, match="already holds a run: continue it with --resume"):
         agrpo.main(FAST + ["--max-steps", "4", "--output-dir", crashed])
-    agrpo.main(FAST + ["--max-steps", "4", "--save-every", "2", "--output-dir", crashed, "--resume", "latest"])
+    agrpo.main(["--resume", crashed])
     a, b = trained(os.path.join(straight, "checkpoint-4")), trained(os.path.join(crashed, "checkpoint-4"))
     first = trained(os.path.join(straight, "checkpoint-2"))
     assert any(not torch.equal(first[k], a[k]) for k in a), "steps 3-4 must change the weights"
     assert all(torch.equal(a[k], b[k]) for k in a)
-    steps = [json.loads(line)["step"] for line in open(os.path.join(crashed, "metrics.jsonl"))]
-    assert steps == [1, 2, 3, 4]
+    assert [m["step"] for m in metric_lines(crashed)] == [1, 2, 3, 4]
 
 
 def test_learning_rate_never_rises_after_its_peak(tmp_path, monkeypatch):
@@ -893,44 +921,32 @@ def test_learning_rate_never_rises_after_its_peak(tmp_path, monkeypatch):
     assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])), lrs
 
 
-def test_each_run_gets_its_own_directory_and_latest_resumes_the_newest(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(agrpo.time, "strftime", lambda fmt: "first")
-    agrpo.main(FAST + ["--max-steps", "1"])
-    monkeypatch.setattr(agrpo.time, "strftime", lambda fmt: "second")
-    agrpo.main(FAST + ["--max-steps", "1"])
-    agrpo.main(FAST + ["--max-steps", "2", "--resume", "latest"])
-    assert [os.path.basename(c) for c in agrpo.checkpoints("runs/countdown-first")] == ["checkpoint-1"]
-    assert [os.path.basename(c) for c in agrpo.checkpoints("runs/countdown-second")] == ["checkpoint-1",
-                                                                                          "checkpoint-2"]
-
-
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
+    """A save that dies midway (here: the disk fills after state.pt) leaves no checkpoint behind, not even a
+    temporary one, and the earlier checkpoint stays; the run ends with one sentence naming the file."""
     out = str(tmp_path)
     agrpo.main(FAST + ["--max-steps", "1", "--output-dir", out])
-    model, tokenizer = agrpo.toy_model_and_tokenizer(0)
-    args = agrpo.parse_args(FAST + ["--output-dir", out])
-    optimizer = torch.optim.AdamW(model.parameters())
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
 
-    def crash(*a, **k):
-        raise OSError("disk full")
-    monkeypatch.setattr(agrpo.json, "dump", crash)  # dies after state.pt, before args.json
-    with pytest.raises(OSError):
-        agrpo.save_checkpoint(model, optimizer, schedule, 2, 4, args)
-    assert agrpo.checkpoints(out) == [os.path.join(out, "checkpoint-1")]  # the half-written one is invisible
+    def disk_full(*a, **k):
+        raise OSError(28, "No space left on device", "args.json")
+    monkeypatch.setattr(agrpo.json, "dump", disk_full)  # dies after state.pt, before args.json
+    with pytest.raises(SystemExit, match="cannot write args.json: no space left on device; nothing saved"):
+        agrpo.main(["--resume", out, "--max-steps", "2"])
+    assert agrpo.checkpoints(out) == [os.path.join(out, "checkpoint-1")] and trained(agrpo.checkpoints(out)[0])
+    assert not [name for name in os.listdir(out) if "tmp" in name]
 
 
 def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path):
+    """Resuming with another model structure is refused before loading; a truncated checkpoint is refused
+    with one sentence."""
     out = str(tmp_path)
     agrpo.main(FAST + ["--max-steps", "1", "--output-dir", out])
-    with pytest.raises(SystemExit, match="does not match.*--lora_rank"):
-        agrpo.main(FAST + ["--max-steps", "2", "--output-dir", out, "--resume", "latest", "--lora-rank", "4",
-                           "--lora-targets", "query,value"])
+    with pytest.raises(SystemExit, match="--lora-rank 4: .* was trained with 0, and a model's structure cannot"):
+        agrpo.main(["--resume", "latest", "--output-dir", out, "--lora-rank", "4"])
     with open(os.path.join(out, "checkpoint-1", "state.pt"), "r+b") as f:
         f.truncate(100)
     with pytest.raises(SystemExit, match="cannot be read"):
-        agrpo.main(FAST + ["--max-steps", "2", "--output-dir", out, "--resume", "latest"])
+        agrpo.main(["--resume", out, "--max-steps", "2"])
 
 
 def test_lora_merges_and_exports(tmp_path):
@@ -956,31 +972,159 @@ def test_lora_merges_and_exports(tmp_path):
     assert torch.allclose(reloaded(input_ids=ids).logits, adapted, atol=1e-4)
 
 
+def test_exported_model_is_a_model_this_program_loads(tmp_path):
+    """--export writes a new directory (refusing a file), and --model on that directory evaluates."""
+    run, merged = str(tmp_path / "run"), str(tmp_path / "merged")
+    agrpo.main(FAST + ["--max-steps", "1", "--output-dir", run])
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="--export .* is a file; give a directory"):
+        agrpo.main(["--resume", run, "--export", str(tmp_path / "file")])
+    agrpo.main(["--resume", run, "--export", merged])
+    metrics = agrpo.main(["--model", merged, "--device", "cpu", "--dtype", "float32", "--mask-token-id", "2", "--lora-rank", "0",
+                          "--data", "synthetic", "--eval-only", "--eval-examples", "2", "--eval-completion-length",
+                          "8", "--eval-block-length", "8", "--eval-sampling-steps", "4",
+                          "--output-dir", str(tmp_path / "eval")])
+    assert 0 <= metrics["eval_T4_accuracy"] <= 1
+
+
+# ------------------------------------------------------------------------------------------------------------
+# 6. The command line, as a user meets it
+def test_typed_flags_win_over_the_toy_preset_and_the_config_file(tmp_path):
+    """--model toy only changes defaults: a typed flag keeps its value even when it equals the LLaDA default;
+    a config file (dash or underscore keys) sits between the preset and the typed flags."""
+    typed = ["--temperature", "0.6", "--top-k", "150", "--lora-rank", "64", "--micro-batch-size", "8"]
+    args = agrpo.parse_args(["--model", "toy"] + typed)
+    assert (args.temperature, args.top_k, args.lora_rank, args.micro_batch_size) == (0.6, 150, 64, 8)
+    assert (args.device, args.completion_length, args.top_p) == ("cpu", 32, 1.0)  # the preset, untyped
+    config = tmp_path / "my.yaml"
+    config.write_text("model: toy\nlearning-rate: 1.0e-3\ntop_k: 7\nlow_discrepancy: false\n")
+    args = agrpo.parse_args([str(config), "--top-k", "9"])
+    assert (args.learning_rate, args.top_k, args.low_discrepancy, args.device) == (1e-3, 9, False, "cpu")
+    config.write_text("lerning_rate: 1\n")
+    with pytest.raises(ValueError, match="my.yaml: unrecognized arguments: --lerning-rate .*did you mean "
+                                         "--learning-rate"):
+        agrpo.parse_args([str(config)])
+
+
+def test_help_shows_each_flag_once_grouped(capsys):
+    """--help lists every field of Args once, dash style, under the file's groups; booleans as --x/--no-x."""
+    with pytest.raises(SystemExit) as exit:
+        agrpo.main(["--help"])
+    text = capsys.readouterr().out
+    assert exit.value.code == 0
+    for f in dataclasses.fields(Args):  # an option's entry starts its line
+        assert len(re.findall(rf"^  {agrpo.flag(f.name)}\b", text, re.M)) == 1, f.name
+        assert "--" + f.name not in text or "_" not in f.name
+    assert "--low-discrepancy, --no-low-discrepancy" in text
+    groups = ["task and model", "LoRA", "optimisation", "rollouts", "the estimator", "evaluation", "runs and"]
+    assert all(g in text for g in groups) and sorted(groups, key=text.index) == groups
+
+
+def test_resume_restores_the_run_settings(tmp_path, monkeypatch, capsys):
+    """--resume restores every setting the run was saved with; a flag typed with it wins, and says so."""
+    monkeypatch.chdir(tmp_path)
+    agrpo.main(FAST + ["--max-steps", "1", "--temperature", "0.7", "--mc-samples", "3"])
+    (run,) = [os.path.join("runs", d) for d in os.listdir("runs")]
+    capsys.readouterr()
+    args = agrpo.parse_args(["--resume", "latest", "--mc-samples", "4"])
+    assert (args.temperature, args.mc_samples, args.completion_length, args.output_dir) == (0.7, 4, 16, run)
+    assert args.resume == os.path.join(run, "checkpoint-1")
+    assert "resume: --mc-samples 3 -> 4" in capsys.readouterr().out
+
+
+def test_latest_never_continues_another_run(tmp_path, monkeypatch):
+    """Two runs started in one second get two directories. When the newest run has no checkpoint, --resume
+    latest names it instead of continuing an older run, and --resume RUN restarts it from step 0."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(agrpo.time, "strftime", lambda fmt: "same-second")
+    agrpo.main(FAST + ["--max-steps", "1"])
+    crashed = agrpo.new_run_dir("countdown")  # a second run, in the same second
+    assert crashed == os.path.join("runs", "countdown-same-second-2")
+    args = agrpo.parse_args(FAST + ["--max-steps", "1", "--output-dir", crashed])
+    agrpo.open_run(args)  # a run that died before its first checkpoint
+    with open(os.path.join(crashed, "metrics.jsonl"), "w") as f:
+        f.write('{"step": 1, "reward": 0.0}\n')
+    with pytest.raises(ValueError, match=f"the newest run, {crashed}, has no checkpoint yet: restart it with "
+                                         f"--resume {crashed}"):
+        agrpo.parse_args(["--resume", "latest"])
+    agrpo.main(["--resume", crashed])
+    assert [m["step"] for m in metric_lines(crashed)] == [1] and agrpo.checkpoints(crashed)
+    assert agrpo.checkpoints(os.path.join("runs", "countdown-same-second"))  # the older run is untouched
+
+
+def run_agrpo(argv, cwd, **kw):
+    """agrpo.py in a fresh interpreter, as a user starts it."""
+    return subprocess.Popen([sys.executable, AGRPO, *argv], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_two_runs_at_once_then_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp_path, monkeypatch):
+    """Two runs started together get their own directories. A real Ctrl-C (SIGINT) and a SIGTERM stop them at
+    the next safe point: each writes a checkpoint of its last whole step, prints one line with the command to
+    resume, and exits 128 + the signal without a traceback; the resume command continues from that step."""
+    runs = [run_agrpo(FAST + ["--max-steps", "1000", "--save-every", "0"], tmp_path) for _ in range(2)]
+    deadline = time.time() + 60
+    while len(glob.glob(str(tmp_path / "runs" / "*" / "metrics.jsonl"))) < 2 and time.time() < deadline:
+        time.sleep(0.2)
+    runs[0].send_signal(signal.SIGINT)
+    runs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=60) for p in runs]
+    assert [p.returncode for p in runs] == [130, 143], outputs
+    directories = sorted(os.listdir(tmp_path / "runs"))
+    assert len(directories) == 2
+    for out, err in outputs:
+        assert "Traceback" not in err
+        (line,) = [line for line in out.splitlines() if "resume with:" in line]
+        run = re.search(r"--resume (\S+)", line)[1]
+        (checkpoint,) = agrpo.checkpoints(str(tmp_path / run))
+        step = int(checkpoint.rsplit("-", 1)[1])
+        assert step >= 1 and [m["step"] for m in metric_lines(tmp_path / run)] == list(range(1, step + 1))
+    monkeypatch.chdir(tmp_path)  # as the user: in the directory the runs started from
+    agrpo.main(line.split("resume with: python agrpo.py ")[1].split() + ["--max-steps", str(step + 1)])
+    assert [m["step"] for m in metric_lines(tmp_path / run)] == list(range(1, step + 2))
+
+
+def test_torchrun_works_with_the_toy_defaults(tmp_path):
+    """torchrun --nproc_per_node 2 agrpo.py --model toy --device cpu runs with the preset's batch settings, and
+    tokens_per_second counts both processes' completions."""
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             "--master_port", str(free_port()), AGRPO, "--task", "countdown", "--model", "toy",
+                             "--device", "cpu", "--max-steps", "1", "--eval-every", "0", "--train-examples", "64",
+                             "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (line,) = metric_lines(tmp_path / "run")
+    args = Args(**{**agrpo.TOY})
+    assert line["tokens_per_second"] == pytest.approx(args.prompts_per_step * args.group_size * 
+        args.completion_length / sum(line[f"seconds_{k}"] for k in ("generate", "grade", "train")))
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def ddp_worker(rank, port, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    agrpo.tasks.reward_parts = count_a
+    reward.reward_parts = count_a
     agrpo.main(FAST + ["--max-steps", "2", "--output-dir", out])
 
 
 def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
-    """torchrun-style DDP with gloo: 2 ranks x half the prompts reproduce 1 rank x all of them."""
-    import socket
+    """DDP with gloo: 2 ranks x half the prompts reproduce 1 rank x all of them (metrics and weights)."""
     import torch.multiprocessing as mp
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    workers = mp.start_processes(ddp_worker, args=(port, str(tmp_path / "two")), nprocs=2, join=False)
+    workers = mp.start_processes(ddp_worker, args=(free_port(), str(tmp_path / "two")), nprocs=2, join=False)
     deadline = time.time() + 120
     while not workers.join(timeout=1):  # raises if a worker fails
         if time.time() > deadline:
             for p in workers.processes:
                 p.kill()
             pytest.fail("the two DDP processes did not finish in 120 s")
-    monkeypatch.setattr(agrpo.tasks, "reward_parts", count_a)
+    monkeypatch.setattr(reward, "reward_parts", count_a)
     agrpo.main(FAST + ["--max-steps", "2", "--output-dir", str(tmp_path / "one")])
-    logs = [[json.loads(line) for line in open(tmp_path / d / "metrics.jsonl")] for d in ("one", "two")]
+    logs = [metric_lines(tmp_path / d) for d in ("one", "two")]
     for one, two in zip(*logs):
         for key in ("reward", "grad_norm", "loss", "advantage_abs"):
             assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), key
@@ -991,16 +1135,57 @@ def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv,message", [
     (["--completion-length", "10", "--block-length", "4"], "must be a multiple"),
-    (["--device", "cuda:0", "--model", "x"], "CUDA is not available"),
+    (["--device", "cuda:0", "--model", "x", "--data", "synthetic"], "CUDA is not available"),
     (["--task", "gsm8k", "--model", "toy"], "no synthetic data"),
-    (["--model", "toy", "--lerning-rate", "1"], "unknown arguments --lerning-rate"),
-    (["--model", "toy", "--temperature", "0"], "--temperature > 0"),
+    (["--model", "toy", "--lerning-rate", "1"], "unrecognized arguments: --lerning-rate .did you mean "
+                                                "--learning-rate"),
+    (["--model", "toy", "--temperature", "0"], "--temperature 0.0: must be more than 0"),
+    (["--model", "toy", "--prompts-per-step", "0"], "--prompts-per-step 0: must be at least 1"),
+    (["--model", "toy", "--eval-batch-size", "0"], "--eval-batch-size 0: must be at least 1"),
+    (["--model", "toy", "--learning-rate", "-1"], "--learning-rate -1.0: must be 0 or more"),
+    (["--model", "toy", "--device", "gpu"], "--device gpu: use cuda, cuda:N"),
+    (["--model", "toy", "--max-steps", "-5"], "--max-steps -5: must be at least 1"),
+    (["--model", "toy", "--epsilon", "-1"], "--epsilon -1.0: must be more than 0"),
+    (["--model", "toy", "--keep-checkpoints", "0"], "--keep-checkpoints 0: must be at least 1"),
+    (["--model", "toy", "--lora-rank", "-1"], "--lora-rank -1: must be 0 or more"),
+    (["--model", "toy", "--micro-batch-size", "3"], "need --prompts-per-step divisible by 1 .* e.g. "
+                                                    "--prompts-per-step 4 --micro-batch-size 4"),
+    (["--model", "toy", "--task", "chess"], "argument --task: invalid choice: 'chess'"),
+    (["--resume", "nowhere"], "--resume nowhere: nowhere holds no run"),
 ])
 def test_bad_input_ends_with_one_clear_message(argv, message):
+    """Each malformed setting ends with one sentence naming the fix (SystemExit), before anything runs."""
     if "cuda" in " ".join(argv) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     with pytest.raises(SystemExit, match=message):
         agrpo.main(argv)
+
+
+def test_filesystem_failures_end_with_one_sentence(tmp_path, monkeypatch):
+    """An --output-dir that is a file, or that cannot be created, and a model directory without a model, each
+    end with one sentence; so does a model neither on disk nor reachable (fast, without the hub's retries)."""
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit, match="--output-dir .*file is a file; give a directory"):
+        agrpo.main(FAST + ["--output-dir", str(tmp_path / "file")])
+    with pytest.raises(SystemExit, match="cannot write .*: not a directory; nothing saved before is lost"):
+        agrpo.main(FAST + ["--output-dir", str(tmp_path / "file" / "run")])
+    if os.geteuid() == 0:  # root writes through permission bits: use a read-only file system
+        unwritable = "/sys/agrpo-run" if os.path.isdir("/sys") else pytest.skip("no read-only directory here")
+    else:
+        (tmp_path / "read-only").mkdir(mode=0o555)
+        unwritable = str(tmp_path / "read-only" / "run")
+    with pytest.raises(SystemExit, match="cannot write .*agrpo-run|cannot write .*read-only"):
+        agrpo.main(FAST + ["--output-dir", unwritable])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="the directory holds no config.json"):
+        agrpo.main(["--model", str(tmp_path / "empty"), "--device", "cpu", "--data", "synthetic"])
+    hub_constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # as if the network were down
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    start = time.perf_counter()
+    with pytest.raises(SystemExit, match="is not on this machine and the Hugging Face Hub cannot be reached"):
+        agrpo.main(["--model", "GSAI-ML/LLaDA-8B-Instruct", "--device", "cpu", "--data", "synthetic"])
+    assert time.perf_counter() - start < 10
 
 
 # ------------------------------------------------------------------------------------------------------------
