@@ -6,11 +6,11 @@ Public contract:
     reward_parts(task, completion, example)  {"format", "correct", "answer": the answer judged}
     is_correct(task, completion, example)    evaluation score in [0, 1] (correct / 3)
     reference(task, example)                 the reference answer as text, for audit rows
-    prompt_messages(task, example)           [system message, user message]
-    load_examples(task, split, source, n=None, seed=0)
+    prompt_messages(task, example)           [system prompt with worked examples, problem]
+    load_examples(task, split, source, n=None, seed=0, gsm8k_test="platinum")
                                              examples from the Hugging Face Hub ("hub") or
                                              offline generators ("synthetic")
-    DataUnavailable                          raised when data is missing
+    GSM8K_TEST_SETS, DataUnavailable         the GSM8K test sets; raised when data is missing
     solve_countdown, count_sudoku_solutions  brute-force checkers for the generators
 
 Example dicts all carry "question" (the user message) plus
@@ -34,6 +34,7 @@ from fractions import Fraction
 
 TASKS = ("countdown", "gsm8k", "math500", "sudoku")
 SYNTHETIC_TASKS = ("countdown", "sudoku")
+GSM8K_TEST_SETS = ("platinum", "openai")  # madrylab/gsm8k-platinum (the authors'), openai/gsm8k
 
 TAIL_CHARS = 20_000
 MAX_ANSWER_CHARS = 1_000
@@ -484,7 +485,8 @@ def reference(task, example):
 
 
 def prompt_messages(task, example):
-    """Chat messages for one example: a short task instruction, then the problem."""
+    """Chat messages for one example: the task's system prompt (format and worked examples),
+    then the problem."""
     _check_task(task)
     return [{"role": "system", "content": SYSTEM_PROMPTS[task]},
             {"role": "user", "content": example["question"]}]
@@ -581,7 +583,7 @@ def _fetch(task, path, **kwargs):
                               + fix) from err
 
 
-def _hub(task, split):
+def _hub(task, split, gsm8k_test):
     """The paper's data, with test problems removed from the train split."""
     if task == "countdown":
         test = [_countdown_example(row["input"].split(","), row["output"])
@@ -593,7 +595,9 @@ def _hub(task, split):
         return [_countdown_example(row["nums"], row["target"]) for row in rows
                 if len(row["nums"]) == 3 and tuple(sorted(row["nums"])) not in held_out]
     if task == "gsm8k":
-        rows = _fetch(task, "openai/gsm8k", name="main", split=split)
+        platinum = (split, gsm8k_test) == ("test", "platinum")  # the label errors fixed
+        rows = _fetch(task, "madrylab/gsm8k-platinum" if platinum else "openai/gsm8k",
+                      name="main", split=split)
         return [{"question": row["question"], "answer": row["answer"].split("####")[-1].strip()}
                 for row in rows]
     if task == "math500":
@@ -612,15 +616,19 @@ def _hub(task, split):
     return examples[:20_000] if split == "train" else examples
 
 
-def load_examples(task, split, source, n=None, seed=0):
+def load_examples(task, split, source, n=None, seed=0, gsm8k_test="platinum"):
     """Examples of task for split "train" or "test" from source "hub" (the paper's data,
-    through `datasets`) or "synthetic" (offline, seeded); the first n if n is given.
-    Raises DataUnavailable when the data cannot be loaded."""
+    through `datasets`) or "synthetic" (offline, seeded); the first n if n is given. The GSM8K
+    test split is gsm8k_test: "platinum" (GSM8K with its label errors fixed, the authors'
+    choice) or "openai" (the original). Raises DataUnavailable when the data cannot be loaded."""
     _check_task(task)
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
+    if gsm8k_test not in GSM8K_TEST_SETS:
+        raise ValueError(f"unknown GSM8K test set {gsm8k_test!r}; expected one of: "
+                         f"{', '.join(GSM8K_TEST_SETS)}")
     if source == "hub":
-        examples = _hub(task, split)
+        examples = _hub(task, split, gsm8k_test)
     elif source == "synthetic":
         examples = _synthetic(task, split, n, seed)
     else:
@@ -630,15 +638,48 @@ def load_examples(task, split, source, n=None, seed=0):
 
 # ---------------------------------------------------------------- prompts
 
-_THINK = "Reason inside <think>...</think>, then give the final result in <answer>...</answer>."
-_BOXED = " Put only the final answer in \\boxed{} inside the answer tags."
+def _worked_sudokus(count=3):
+    """Worked examples for the sudoku prompt: puzzles from the project's generator (with its
+    own seed) that fill up one forced cell at a time, a cell whose row, column and box already
+    hold the three other digits, written out step by step."""
+    rng, worked = random.Random("sudoku/prompt"), []
+    while len(worked) < count:
+        puzzle = _random_sudoku(rng)["puzzle"]
+        cells, steps = [int(c) for c in puzzle], []
+        for _ in range(puzzle.count("0")):
+            seen = {i: sorted({cells[j] for j in _PEERS[i]} - {0})
+                    for i in range(16) if cells[i] == 0}
+            i = next((i for i, held in seen.items() if len(held) == 3), None)
+            if i is None:
+                break
+            cells[i] = 10 - sum(seen[i])  # 1 + 2 + 3 + 4 = 10
+            steps.append(f"R{i // 4 + 1}C{i % 4 + 1}: its row, column and box hold "
+                         f"{seen[i][0]}, {seen[i][1]} and {seen[i][2]}, so {cells[i]}.")
+        if 0 not in cells:
+            rows = " ".join(puzzle[r:r + 4] for r in range(0, 16, 4))
+            worked.append(f"Puzzle: {puzzle}\n<think>\nRows: {rows}.\n" + "\n".join(steps)
+                          + f"\n</think>\n<answer>\n{''.join(map(str, cells))}\n</answer>")
+    return worked
+
+
+_REASON = ("Reason step by step inside <think> </think>, then give the final answer inside "
+           "<answer> </answer>")
 SYSTEM_PROMPTS = {
-    "countdown": ("Reach the target by combining the numbers with + - * / and parentheses, "
-                  "using each number exactly once. " + _THINK
-                  + " Write the answer as: expression = target"),
-    "gsm8k": _THINK + _BOXED,
-    "math500": _THINK + _BOXED,
-    "sudoku": ("Solve the 4x4 sudoku: each row, column and 2x2 box holds 1-4 once. "
-               "A grid is 16 digits, row by row, 0 = empty. " + _THINK
-               + " The answer is the full 16-digit grid."),
+    "countdown": (
+        "You will be given a target number and three numbers. Write an arithmetic expression "
+        "that uses each number exactly once, with +, -, *, / and parentheses, and equals the "
+        "target. " + _REASON + " as: expression = target. For example, for target 41 and "
+        "numbers [7, 13, 50]:\n<think>\n50 - 13 + 7 = 44 is too big. 7 * 13 = 91, and "
+        "91 - 50 = 41.\n</think>\n<answer>\n7 * 13 - 50 = 41\n</answer>"),
+    "gsm8k": (
+        "You will be given a math problem. " + _REASON + ", with only the final number or "
+        "expression in \\boxed{}. For example, for \"A box holds 6 pens. How many pens are left "
+        "from 4 boxes after 5 are given away?\":\n<think>\n4 boxes hold 4 * 6 = 24 pens, and "
+        "24 - 5 = 19 are left.\n</think>\n<answer>\n\\boxed{19}\n</answer>"),
+    "sudoku": (
+        "You will be given a 4x4 sudoku as 16 digits, row by row from the top, with 0 for an "
+        "empty cell. Fill every empty cell with a digit 1-4 so that each row, each column and "
+        "each of the four 2x2 boxes holds 1, 2, 3 and 4 once. " + _REASON + " as the full "
+        "grid: 16 digits, no spaces. Three worked examples:\n\n" + "\n\n".join(_worked_sudokus())),
 }
+SYSTEM_PROMPTS["math500"] = SYSTEM_PROMPTS["gsm8k"]

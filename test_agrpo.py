@@ -741,17 +741,27 @@ def test_reward_fuzz_never_raises():
             assert math.isfinite(value) and -0.5 <= value <= 4.0
 
 
-def test_reward_prompt_messages():
-    """Each system prompt is short, names the tags and the answer format; the user message is the problem."""
+def test_reward_prompts_state_the_format_with_worked_examples():
+    """Each system prompt states the answer format and shows worked examples that the graders score 4."""
     for task, ex in _EXAMPLES.items():
         system, user = reward.prompt_messages(task, ex)
         assert (system["role"], user["role"]) == ("system", "user")
         assert user["content"] == ex["question"]
         assert "<think>" in system["content"] and "<answer>" in system["content"]
-        assert len(system["content"]) < 300
     assert "\\boxed{}" in reward.prompt_messages("math500", _MATH)[0]["content"]
     assert "expression = target" in reward.prompt_messages("countdown", _CD)[0]["content"]
     assert "16 digits" in reward.prompt_messages("sudoku", _SUDOKU)[0]["content"]
+    countdown, math_prompt = reward.SYSTEM_PROMPTS["countdown"], reward.SYSTEM_PROMPTS["gsm8k"]
+    assert reward.reward("countdown", countdown[countdown.rindex("<think>"):], _cd([7, 13, 50], 41)) == 4.0
+    assert reward.reward("gsm8k", math_prompt[math_prompt.rindex("<think>"):], {"answer": "19"}) == 4.0
+    worked = reward.SYSTEM_PROMPTS["sudoku"].split("Puzzle: ")[1:]
+    synthetic_test = {e["puzzle"] for e in reward.load_examples("sudoku", "test", "synthetic")}
+    assert len(worked) == 3
+    for text in worked:  # a generated puzzle with one solution, not a test puzzle, and its solution
+        puzzle, grid = text[:16], text.split("<answer>\n")[1][:16]
+        assert reward.count_sudoku_solutions(puzzle) == 1 and puzzle not in synthetic_test
+        assert reward.count_sudoku_solutions(grid) == 1  # a full grid with no clash
+        assert reward.reward("sudoku", text[text.index("<think>"):], _sudoku(puzzle, grid)) == 4.0
 
 
 def test_data_solvers():
@@ -841,7 +851,7 @@ def test_data_hub_offline_fails_fast(monkeypatch, tmp_path):
 
 
 def test_data_hub_rows_are_converted_and_test_problems_removed(monkeypatch):
-    """Hub rows become example dicts and test problems leave the train split."""
+    """Hub rows become example dicts, GSM8K is tested on platinum or openai, test problems leave train."""
     cd_train, sudoku_row = "Jiayi-Pan/Countdown-Tasks-3to4", {"Puzzle": 310200404001043,
                                                              "Solution": 4312213434211243}
     tables = {  # rows as `datasets` yields them; csv columns arrive as ints
@@ -849,6 +859,7 @@ def test_data_hub_rows_are_converted_and_test_problems_removed(monkeypatch):
         cd_train: [{"nums": [93, 30, 100], "target": 7}, {"nums": [1, 2, 3], "target": 6},
                    {"nums": [1, 2, 3, 4], "target": 10}],
         "openai/gsm8k": [{"question": "q", "answer": "work\n#### 1,000"}],
+        "madrylab/gsm8k-platinum": [{"question": "qp", "answer": "fixed\n#### 7", "cleaning_status": "revised"}],
         "HuggingFaceH4/MATH-500": [{"problem": "p1", "answer": "5"}],
         "qwedsacf/competition_math": [
             {"problem": "p1", "level": "Level 1", "solution": "\\boxed{5}"},
@@ -871,8 +882,14 @@ def test_data_hub_rows_are_converted_and_test_problems_removed(monkeypatch):
     assert load("countdown", "train", "hub") == [
         {"question": "Target: 6\nNumbers: [1, 2, 3]", "nums": [1, 2, 3], "target": 6}]
     assert (cd_train, None, "train[:20000]") in calls
-    assert load("gsm8k", "test", "hub") == [{"question": "q", "answer": "1,000"}]
+    assert load("gsm8k", "test", "hub") == [{"question": "qp", "answer": "7"}]
+    assert ("madrylab/gsm8k-platinum", "main", "test") in calls
+    assert load("gsm8k", "test", "hub", gsm8k_test="openai") == [{"question": "q", "answer": "1,000"}]
     assert ("openai/gsm8k", "main", "test") in calls
+    assert load("gsm8k", "train", "hub", gsm8k_test="platinum") == [{"question": "q", "answer": "1,000"}]
+    assert ("openai/gsm8k", "main", "train") in calls
+    with pytest.raises(ValueError, match="platinum, openai"):
+        load("gsm8k", "test", "hub", gsm8k_test="gold")
     assert load("math500", "test", "hub") == [{"question": "p1", "answer": "5"}]
     assert load("math500", "train", "hub") == [{"question": "p3", "answer": "\\frac{1}{2}"}]
     sudoku = {"question": "Puzzle: 0310200404001043", "puzzle": "0310200404001043",
