@@ -718,9 +718,12 @@ def test_reward_hostile_completions_are_fast_finite_and_wrong():
     for task, ex in dict(_EXAMPLES, sudoku=only_fours).items():
         for completion in _HOSTILE:
             for score in (reward.reward, reward.is_correct):
-                start = time.perf_counter()
-                value = score(task, completion, ex)
-                worst = max(worst, time.perf_counter() - start)
+                elapsed = []
+                for _ in range(3):  # the least of three runs: the call's cost, not the scheduler's
+                    start = time.perf_counter()
+                    value = score(task, completion, ex)
+                    elapsed.append(time.perf_counter() - start)
+                worst = max(worst, min(elapsed))
                 assert isinstance(value, float) and math.isfinite(value)
             assert reward.is_correct(task, completion, ex) == 0.0, (task, completion[:60])
     print(f"slowest hostile call: {worst * 1000:.2f} ms")
