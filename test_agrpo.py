@@ -556,8 +556,7 @@ def test_reward_countdown_reusing_a_number_is_wrong():
     (_cd([4, 12, 20], 23), "\\boxed{20 + \\frac{12}}", 0), (_CD, "\\boxed{93 - 100 + 30 x}", 0),
 ])
 def test_reward_countdown_reads_latex_and_unicode(example, answer, human):
-    """Countdown correctness reads the expression alone or with `= target`, LaTeX and Unicode operators and
-    \\frac, still exactly and with each given number exactly once."""
+    """Countdown correctness reads the bare expression, `= target`, LaTeX, Unicode and \\frac, still exactly."""
     assert reward.is_correct("countdown", _wrap(answer), example) == human
 
 
@@ -585,8 +584,7 @@ def test_reward_format_is_strict_where_correctness_is_careful(task):
 
 
 def test_reward_final_answer_is_where_a_careful_grader_finds_it():
-    """The final answer is the last answer block (closed, or open to the end of the turn) and in it the last
-    box; with no block or an empty one, the last box anywhere; empty boxes hold no answer."""
+    """The answer is the last answer block (closed or open) and its last box, else the last non-empty box."""
     cases = [
         ("<answer>\\boxed{17}</answer> then \\boxed{18}", 0),  # a box after a closed block is not read
         ("<answer>the total is 18</answer>", 1), ("<answer>\\boxed{18}<|eot_id|>\\boxed{17}", 1),
