@@ -1,15 +1,16 @@
-"""Rewards, prompts and data for the four reasoning tasks of the paper (section 5).
+"""Rewards, prompts and data for the paper's four tasks: countdown, GSM8K, MATH-500, 4x4 sudoku.
 
 Public contract:
     TASKS                                    ("countdown", "gsm8k", "math500", "sudoku")
     reward(task, completion, example)        shaped training reward = format + correct
-    reward_parts(task, completion, example)  {"format": ..., "correct": ...}
+    reward_parts(task, completion, example)  {"format", "correct", "answer": the answer judged}
     is_correct(task, completion, example)    evaluation score in [0, 1] (correct / 3)
-    prompt_messages(task, example)           [system message, user message]
-    load_examples(task, split, source, n=None, seed=0)
-                                             example dicts from the Hugging Face Hub
-                                             ("hub") or offline generators ("synthetic")
-    DataUnavailable                          raised when Hub data cannot be loaded
+    reference(task, example)                 the reference answer as text, for audit rows
+    prompt_messages(task, example)           [system prompt with worked examples, problem]
+    load_examples(task, split, source, n=None, seed=0, gsm8k_test="platinum")
+                                             examples from the Hugging Face Hub ("hub") or
+                                             offline generators ("synthetic")
+    GSM8K_TEST_SETS, DataUnavailable         the GSM8K test sets; raised when data is missing
     solve_countdown, count_sudoku_solutions  brute-force checkers for the generators
 
 Example dicts all carry "question" (the user message) plus
@@ -17,14 +18,15 @@ Example dicts all carry "question" (the user message) plus
     gsm8k, math500: "answer" (reference string)
     sudoku: "puzzle", "answer" (16-digit row-major strings, 0 = empty cell)
 
-Completions are untrusted model text. Only their last TAIL_CHARS characters are read;
-the answer is the text between the last "</answer>" and the "<answer>" before it (tags
-are case-insensitive) and an answer longer than MAX_ANSWER_CHARS counts as missing.
-Countdown expressions are checked character by character before `ast` parses them and
-are evaluated exactly with Fraction. Every scoring call returns a finite float.
+A completion is read twice. The format reward reads only a closed <answer>...</answer> block,
+so that training teaches the format; correctness reads the final answer where a careful human
+grader finds it (`_final_answer`) and judges it as such a grader would, by hand-written rules.
+Completions are untrusted: only their last TAIL_CHARS characters are read, every answer is
+bounded in length before it is parsed, nothing is eval'ed (arithmetic goes through the small
+parser `_value`), and every scoring call returns a finite float.
 """
-import ast
 import itertools
+import math
 import operator
 import random
 import re
@@ -32,12 +34,14 @@ from fractions import Fraction
 
 TASKS = ("countdown", "gsm8k", "math500", "sudoku")
 SYNTHETIC_TASKS = ("countdown", "sudoku")
+GSM8K_TEST_SETS = ("platinum", "openai")  # madrylab/gsm8k-platinum (the authors'), openai/gsm8k
 
 TAIL_CHARS = 20_000
 MAX_ANSWER_CHARS = 1_000
-MAX_EXPR_CHARS = 200  # also keeps parenthesis nesting far below the parser's limit
+MAX_EXPR_CHARS = 200  # longest arithmetic parsed; also bounds the parser's recursion
 MAX_LITERAL_DIGITS = 6
-MAX_NUMBER_CHARS = 50  # longest decimal compared exactly in math answers
+MAX_EXACT_BITS = 4096  # an exact power larger than this is computed in floats
+MAX_SHOWN_CHARS = 200  # of the extracted answer in reward_parts
 
 SYNTHETIC_TRAIN_SIZE = 20_000
 SYNTHETIC_TEST_SIZE = 256  # stands in for the 256-problem test sets of the paper
@@ -52,24 +56,8 @@ SUDOKU_URLS = {
              "837b292d08410e2e689b7820bd659ece5744b40b/test_sudoku_split_new.csv"),
 }
 
-_DIGITS = "0123456789"
-_EXPR_CHARS = frozenset(_DIGITS + "+-*/() \t\r\n")
+_EXPR_CHARS = frozenset("0123456789+-*/() \t\r\n")
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
-_AST_OPS = {ast.Add: operator.add, ast.Sub: operator.sub,
-            ast.Mult: operator.mul, ast.Div: operator.truediv}
-
-_THINK = "Reason inside <think>...</think>, then give the final result in <answer>...</answer>."
-_BOXED = " Put only the final answer in \\boxed{} inside the answer tags."
-SYSTEM_PROMPTS = {
-    "countdown": ("Reach the target by combining the numbers with + - * / and parentheses, "
-                  "using each number exactly once. " + _THINK
-                  + " Write the answer as: expression = target"),
-    "gsm8k": _THINK + _BOXED,
-    "math500": _THINK + _BOXED,
-    "sudoku": ("Solve the 4x4 sudoku: each row, column and 2x2 box holds 1-4 once. "
-               "A grid is 16 digits, row by row, 0 = empty. " + _THINK
-               + " The answer is the full 16-digit grid."),
-}
 
 
 class DataUnavailable(RuntimeError):
@@ -81,22 +69,159 @@ def _check_task(task):
         raise ValueError(f"unknown task {task!r}; expected one of: {', '.join(TASKS)}")
 
 
-# ---------------------------------------------------------------- completion parsing
+# ---------------------------------------------------------------- reading a completion
 
-def _tags(completion):
-    """(has a <think>...</think> block, answer text or None) from the completion's tail."""
-    tail = completion[-TAIL_CHARS:]
+_END_OF_TURN = ("<|eot_id|>", "<|endoftext|>")
+_EMPTY_BOX = re.compile(r"\\?boxed\{\s*\}")
+
+
+def _lowered(tail):
+    """tail.lower(), or tail itself where lowering changes the length (a few non-ASCII letters)."""
     low = tail.lower()
-    if len(low) != len(tail):  # a few non-ASCII letters change length when lowered
-        low = tail
-    opened = low.find("<think>")
-    has_think = opened >= 0 and low.find("</think>", opened) >= 0
+    return low if len(low) == len(tail) else tail
+
+
+def _answer_block(tail, low):
+    """Strict reading, for the format reward: the text between the last </answer> and the
+    <answer> before it (tags case-insensitive), or None (no such block, or a block too long)."""
     end = low.rfind("</answer>")
     start = low.rfind("<answer>", 0, end) if end >= 0 else -1
     if start < 0:
-        return has_think, None
+        return None
     answer = tail[start + len("<answer>"):end].strip()
-    return has_think, (answer if len(answer) <= MAX_ANSWER_CHARS else None)
+    return answer if len(answer) <= MAX_ANSWER_CHARS else None
+
+
+def _boxed(text):
+    """Content of the last \\boxed{...} in text (the backslash may be missing), up to its
+    matching brace. A box cut off by the end of text (the only brace left open) runs to the
+    end, less a stray '>' of a broken tag. None if text has no box."""
+    start = text.rfind("boxed{")
+    if start < 0:
+        return None
+    start += len("boxed{")
+    depth = 1
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[start:i]
+    if text.count("{") - text.count("}") != 1:
+        return None
+    return text[start:].rstrip().rstrip("<>/").rstrip()
+
+
+def _final_answer(tail):
+    """Careful reading, for correctness: the span of the last <answer> block (up to its
+    </answer> or the end of the turn, whichever comes first); inside it, its last \\boxed{} if
+    it has one. With no block, or an empty one, the last \\boxed{} of the whole tail. Empty
+    boxes hold no answer. None if nothing is found, a box is broken, or the text is too long."""
+    tail = _EMPTY_BOX.sub("", tail)
+    low, span = _lowered(tail), ""
+    start = low.rfind("<answer>")
+    if start >= 0:
+        start += len("<answer>")
+        ends = [low.find(marker, start) for marker in ("</answer>",) + _END_OF_TURN]
+        span = tail[start:min([end for end in ends if end >= 0], default=len(tail))].strip()
+    if len(span) > MAX_ANSWER_CHARS:
+        return None
+    text = span or tail  # no block, or an empty one: a box anywhere
+    answer = ((_boxed(text) if "boxed{" in text else span) or "").strip()
+    return answer if answer and len(answer) <= MAX_ANSWER_CHARS else None
+
+
+# ---------------------------------------------------------------- arithmetic written in LaTeX
+
+_SPELLINGS = (("\\dfrac", "\\frac"), ("\\tfrac", "\\frac"), ("\\times", "*"), ("\\cdot", "*"),
+              ("×", "*"), ("·", "*"), ("∗", "*"), ("\\div", "/"), ("÷", "/"), ("−", "-"),
+              ("\\left", ""), ("\\right", ""), ("\\displaystyle", ""), ("\\!", ""), ("\\,", ""),
+              ("\\;", ""), ("\\:", ""), ("\\ ", ""), ("\\(", ""), ("\\)", ""), ("\\[", ""),
+              ("\\]", ""), ("\\$", ""), ("$", ""), ("^{\\circ}", ""), ("^\\circ", ""), ("°", ""),
+              ("\\%", ""), ("%", ""))  # one spelling per operation; spacing, $, %, degrees dropped
+_TOKEN = re.compile(r"\\(?:frac|sqrt|pi)|[0-9]+(?:\.[0-9]*)?|\.[0-9]+|[a-zA-Z]|[-+*/^(){}]")
+_IMPLICIT = ("(", "\\sqrt", "\\pi")  # 2(x+1), 2\sqrt{3}, 3\pi and 2x are products; 4{10} is 410
+
+
+def _respell(text):
+    for spelling, plain in _SPELLINGS:
+        text = text.replace(spelling, plain)
+    return text
+
+
+def _value(text, exact=False):
+    """Value of a short arithmetic expression: numbers, + - * / ^, brackets and braces, \\frac,
+    \\sqrt, \\pi, implicit products and mixed numbers (1\\frac{4}{5}); each letter stands for a
+    fixed irrational number, so that 2x+1 and 1+2x agree. A Fraction while the arithmetic is
+    exact, else a float; None if text is no such expression. exact=True allows only integers,
+    + - * /, \\frac and brackets (countdown)."""
+    tokens = _TOKEN.findall(text)
+    if len(text) > MAX_EXPR_CHARS or "".join(tokens) != "".join(text.split()) or exact and any(
+            t in ("^", "\\sqrt", "\\pi") or t.isalpha() or "." in t for t in tokens):
+        return None
+    tokens.append("")  # end marker
+    pos = 0
+
+    def take(expected=None):
+        nonlocal pos
+        pos += 1
+        if expected is not None and tokens[pos - 1] != expected:
+            raise ValueError(expected)
+        return tokens[pos - 1]
+
+    def total():  # terms joined by + and -
+        value = product()
+        while tokens[pos] in ("+", "-"):
+            value = value + product() if take() == "+" else value - product()
+        return value
+
+    def product():  # factors joined by * and /, or written side by side
+        value = power()
+        while tokens[pos] in ("*", "/") + _IMPLICIT or tokens[pos].isalpha():
+            op = take() if tokens[pos] in ("*", "/") else "*"
+            value = value / power() if op == "/" else value * power()
+        return value
+
+    def power():  # a signed atom, perhaps raised to a bounded power
+        if tokens[pos] in ("+", "-"):
+            return -power() if take() == "-" else power()
+        value = atom()
+        if tokens[pos] != "^":
+            return value
+        take()
+        exponent = atom()
+        whole = exponent == int(exponent)
+        if abs(exponent) > 64 or value < 0 and not whole:
+            raise ValueError("exponent")
+        if isinstance(value, Fraction) and (not whole or abs(exponent) * max(
+                abs(value.numerator), value.denominator).bit_length() > MAX_EXACT_BITS):
+            value = float(value)
+        return value ** (int(exponent) if whole else float(exponent))
+
+    def atom():
+        token = take()
+        if token[:1].isdigit() or token[:1] == ".":
+            value = Fraction(token)
+            return value + atom() if tokens[pos] == "\\frac" else value  # a mixed number
+        if token in ("(", "{"):
+            value = total()
+            take(")" if token == "(" else "}")
+            return value
+        if token == "\\frac":
+            return atom() / atom()
+        if token == "\\sqrt":
+            return math.sqrt(atom())
+        if token == "\\pi":
+            return math.pi
+        if token.isalpha():
+            return math.log(ord(token))
+        raise ValueError(token)
+
+    try:
+        value = total()
+    except (ValueError, ZeroDivisionError, OverflowError, RecursionError, TypeError, IndexError):
+        return None
+    if pos != len(tokens) - 1 or isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 # ---------------------------------------------------------------- countdown
@@ -109,51 +234,33 @@ def _literals(expr):
     return [int(run) for run in runs]
 
 
-def _fold(node):
-    """Exact value of an arithmetic AST (ints, + - * /, unary +/-), None for anything else."""
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return Fraction(node.value)
-    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.UAdd, ast.USub)):
-        value = _fold(node.operand)
-        if value is None or isinstance(node.op, ast.UAdd):
-            return value
-        return -value
-    if isinstance(node, ast.BinOp) and type(node.op) in _AST_OPS:
-        left, right = _fold(node.left), _fold(node.right)
-        if left is None or right is None:
-            return None
-        return _AST_OPS[type(node.op)](left, right)
-    return None
-
-
-def _exact_value(expr):
-    """Exact value of a short arithmetic expression, or None (bad syntax, x/0, too long)."""
-    if len(expr) > MAX_EXPR_CHARS or not set(expr) <= _EXPR_CHARS:
-        return None
-    try:
-        return _fold(ast.parse(expr, mode="eval").body)
-    except (SyntaxError, ValueError, ZeroDivisionError, RecursionError, MemoryError):
-        return None
-
-
-def _countdown_parts(answer, example):
-    """Format: 1/3 per check (right side is the target, left side uses only the allowed
-    characters, left side uses exactly the given numbers), -0.5 for more than one '='.
-    Correct: 3.0 if the left side passes the last two checks and equals the target."""
-    if answer is None or "=" not in answer:
-        return 0.0, 0.0
-    sides = answer.split("=")
+def _countdown_format(block, example):
+    """1/3 per check on the strict answer block (right side is the target, left side uses
+    only + - * / ( ) digits and spaces, left side uses exactly the given numbers), -0.5 for
+    more than one '='."""
+    if block is None or "=" not in block:
+        return 0.0
+    sides = block.split("=")
     lhs, rhs = sides[0].strip(), sides[-1].strip()
     used = _literals(lhs)
-    rhs_ok = 0 < len(rhs) <= MAX_LITERAL_DIGITS and set(rhs) <= set(_DIGITS)
-    checks = (
-        rhs_ok and int(rhs) == example["target"],
-        bool(lhs) and set(lhs) <= _EXPR_CHARS,
-        used is not None and sorted(used) == sorted(example["nums"]),
-    )
-    fmt = sum(checks) / 3 - (0.5 if len(sides) > 2 else 0.0)
-    correct = checks[1] and checks[2] and _exact_value(lhs) == example["target"]
-    return fmt, 3.0 * correct
+    checks = (rhs.isascii() and rhs.isdigit() and len(rhs) <= MAX_LITERAL_DIGITS
+              and int(rhs) == example["target"],
+              bool(lhs) and set(lhs) <= _EXPR_CHARS,
+              used is not None and sorted(used) == sorted(example["nums"]))
+    return sum(checks) / 3 - (0.5 if len(sides) > 2 else 0.0)
+
+
+def _countdown_correct(answer, example):
+    """The expression alone, `expression = target` or a chain `a = b = target`, in ASCII,
+    LaTeX or Unicode: correct when a side uses each given number exactly once and every side
+    equals the target exactly. Parentheses left open at the end of a side are closed."""
+    if answer is None or len(answer) > MAX_EXPR_CHARS:
+        return False
+    sides = [side.strip() + ")" * max(0, side.count("(") - side.count(")"))  # "28 + (11 - 5"
+             for side in _respell(answer).strip().rstrip(".").split("=")]
+    nums = sorted(example["nums"])
+    return (any(sorted(_literals(side) or []) == nums for side in sides)
+            and all(_value(side, exact=True) == example["target"] for side in sides))
 
 
 def solve_countdown(nums, target):
@@ -177,100 +284,130 @@ def solve_countdown(nums, target):
 
 # ---------------------------------------------------------------- gsm8k and math500
 
-_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}")
-_DROPPED = ("\\left", "\\right", "\\!", "\\,", "\\;", "\\:", "\\$", "$",
-            "^{\\circ}", "^\\circ", "\\%", "%")
+_TEXT_WRAPPER = re.compile(r"\\(?:text|textbf|textrm|mathrm|mathbf|mbox)\{([^{}]*)\}")
+_UNIT = re.compile(r"(?<=[0-9}])\s+[a-zA-Z]{2,}(?:\s+[a-zA-Z]+)*(?:\^\{?[23]\}?)?\.?$")  # " cm^2"
+_SHORT_FRACTION = re.compile(r"\\frac(\{[^{}]*\}|[0-9a-zA-Z])(\{[^{}]*\}|[0-9a-zA-Z])")
 _THOUSANDS = re.compile(r"-?[0-9]{1,3}(?:,[0-9]{3})+(?:\.[0-9]+)?")
-_DECIMAL = re.compile(r"[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)")
-_RATIO = re.compile(r"([-+]?)(?:\\frac\{([0-9]+)\}\{([0-9]+)\}|([0-9]+)/([0-9]+))")
+_VARIABLE = re.compile(r"[a-zA-Z](?:=|\\in)")  # the "x=" of "x=5", the "x\in" of "x\in[-2,7]"
 
 
-def _boxed(text):
-    """Content of the last \\boxed{...} in text (braces matched), or None."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    depth = 0
-    for i in range(start + len("\\boxed"), len(text)):
-        if text[i] == "{":
-            depth += 1
-        elif text[i] == "}":
-            depth -= 1
-            if depth == 0:
-                return text[start + len("\\boxed{"):i]
-    return None
+def _canonical(answer):
+    """One spelling for equal answers: a unit after a value and \\text{} wrappers dropped, one
+    spelling per operation and no spacing (`_SPELLINGS`), short arguments braced (\\frac12,
+    \\sqrt3), base subscripts unbraced, thousands separators removed, "(C)" -> "C", and a
+    leading "x=" or "x \\in" removed."""
+    answer = _UNIT.sub("", _TEXT_WRAPPER.sub(r" \1", answer.strip()))
+    answer = "".join(_respell(answer).split()).rstrip(".")
+    answer = re.sub(r"\\sqrt([0-9a-zA-Z])", r"\\sqrt{\1}", answer)
+    answer = _SHORT_FRACTION.sub(lambda m: "\\frac" + "".join(  # \frac12 -> \frac{1}{2}
+        a if a.startswith("{") else "{" + a + "}" for a in m.groups()), answer)
+    answer = re.sub(r"_\{([0-9a-zA-Z]+)\}", r"_\1", answer)
+    if _THOUSANDS.fullmatch(answer):
+        answer = answer.replace(",", "")
+    if re.fullmatch(r"\([A-Za-z]\)", answer):
+        answer = answer[1]
+    prefix = _VARIABLE.match(answer)
+    return answer[prefix.end():] if prefix else answer
 
 
-def _normalise(answer):
-    """Drop LaTeX decoration, spaces, a trailing '.' and thousands separators."""
-    answer = _TEXT_WRAPPER.sub(r"\1", answer)
-    answer = answer.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    for token in _DROPPED:
-        answer = answer.replace(token, "")
-    answer = re.sub(r"\\frac([0-9])([0-9])", r"\\frac{\1}{\2}", "".join(answer.split()))
-    answer = answer.rstrip(".")
-    return answer.replace(",", "") if _THOUSANDS.fullmatch(answer) else answer
+def _same_value(a, b):
+    """Equal canonical strings, or equal values: exactly when both are exact, else to 1e-9."""
+    if a == b:
+        return bool(a)
+    x, y = _value(a), _value(b)
+    if x is None or y is None:
+        return False
+    if isinstance(x, Fraction) and isinstance(y, Fraction):
+        return x == y
+    try:
+        return math.isclose(x, y, rel_tol=1e-9, abs_tol=1e-12)
+    except OverflowError:  # an exact value too large for a float
+        return False
 
 
-def _number(text):
-    """Exact value of a plain decimal or integer fraction (no exponents), or None."""
-    if len(text) > MAX_NUMBER_CHARS:
-        return None
-    if _DECIMAL.fullmatch(text):
-        return Fraction(text)
-    match = _RATIO.fullmatch(text)
-    if not match:
-        return None
-    numerator, denominator = int(match[2] or match[4]), int(match[3] or match[5])
-    if denominator == 0:
-        return None
-    return Fraction(numerator, denominator) * (-1 if match[1] == "-" else 1)
+def _split(text):
+    """text split at its top-level commas, or None if its brackets do not balance."""
+    items, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if depth < 0:
+            return None
+        if char == "," and depth == 0:
+            items.append(text[start:i])
+            start = i + 1
+    return items + [text[start:]] if depth == 0 else None
 
 
-def _math_match(task, candidate, reference):
-    """Equal after normalisation, or equal as numbers. For gsm8k a candidate that is not
-    a number (e.g. "18 dollars") is read as the last number it contains."""
-    cand, ref = _normalise(candidate), _normalise(reference)
-    if "=" in cand and "=" not in ref:  # "x = 5" against "5"
-        cand = cand.rsplit("=", 1)[1]
-    if cand == ref:
-        return bool(ref)
-    value = _number(cand)
-    if value is None and task == "gsm8k":
-        found = re.findall(r"-?[0-9]+(?:\.[0-9]+)?", cand.replace(",", ""))
-        value = _number(found[-1]) if found else None
-    return value is not None and value == _number(ref)
+def _enclosed(text):
+    """(kind, items) of a tuple or interval "(a,b]" (kind: its brackets, items in order), a set
+    "\\{a,b\\}" or a bare list "a,b" (kind "set", any order); ("", [text]) for anything else."""
+    if text.startswith("\\{") and text.endswith("\\}"):
+        kind, inner = "set", text[2:-2]
+    elif len(text) > 1 and text[0] in "([" and text[-1] in ")]" and _split(text[1:-1]):
+        kind, inner = text[0] + text[-1], text[1:-1]
+    else:
+        kind, inner = "set", text
+    items = _split(inner)
+    return (kind, items) if items and len(items) > 1 else ("", [text])
 
 
-def _math_parts(task, has_think, answer, example):
-    """Format: 0.5 for a think block + 0.5 for an answer block. Correct: 3.0 if the
-    \\boxed{} content of the answer (the whole answer if it has none) matches."""
-    fmt = 0.5 * has_think + 0.5 * (answer is not None)
+def _math_equal(task, answer, reference):
+    """A careful grader's equivalence, by hand (no symbolic algebra): canonical strings, exact
+    numbers, or numeric values; the last value of an = chain; tuples and intervals item by item,
+    lists and sets in any order. For gsm8k an answer that is none of these is read as the last
+    number it contains ("18 apples")."""
     if answer is None:
-        return fmt, 0.0
-    candidate = _boxed(answer) if "\\boxed" in answer else answer
-    return fmt, 3.0 * (candidate is not None and _math_match(task, candidate, example["answer"]))
+        return False
+    cand, ref = _canonical(answer), _canonical(reference)
+    if "=" in cand and "=" not in ref:
+        cand = cand.rsplit("=", 1)[1]
+    if re.fullmatch(r"[0-9A-Za-z]+_[0-9]+", ref) and "_" not in cand:  # 2516 for 2516_8
+        ref = ref.split("_")[0]
+    if _same_value(cand, ref):
+        return True
+    (cand_kind, cand_items), (ref_kind, ref_items) = _enclosed(cand), _enclosed(ref)
+    if len(ref_items) > 1 and cand_kind == ref_kind and len(cand_items) == len(ref_items):
+        if ref_kind != "set":
+            return all(_same_value(c, r) for c, r in zip(cand_items, ref_items))
+        unmatched = list(cand_items)
+        for r in ref_items:
+            match = next((c for c in unmatched if _same_value(c, r)), None)
+            if match is None:
+                return False
+            unmatched.remove(match)
+        return True
+    if task == "gsm8k" and not isinstance(_value(cand), Fraction):
+        found = re.findall(r"-?[0-9]+(?:\.[0-9]+)?", cand.replace(",", ""))
+        return bool(found) and _value(found[-1]) == _value(ref)
+    return False
 
 
 # ---------------------------------------------------------------- sudoku
 
-def _sudoku_parts(answer, example):
-    """The grid is the answer with whitespace removed. Format (only for 16 characters):
-    0.25, +0.25 if each digit 1-4 appears four times, +0.5 if it keeps every given.
-    Correct: 3.0 x share of the puzzle's empty cells holding the solution's digit."""
-    if answer is None:
-        return 0.0, 0.0
-    grid = "".join(answer.split())
-    puzzle, solution = example["puzzle"], example["answer"]
-    fmt = 0.0
-    if len(grid) == 16:
-        fmt = (0.25 + 0.25 * ("".join(sorted(grid)) == "1111222233334444")
-               + 0.5 * all(p in ("0", g) for p, g in zip(puzzle, grid)))
-    empty = [i for i, p in enumerate(puzzle) if p == "0"]
+_SEPARATOR_LINE = re.compile(r"```\w*|[-+=_|\s]*")  # "+--+--+", "-----", a code fence
+
+
+def _sudoku_format(block, example):
+    """On the strict answer block, only when it is 16 characters: 0.25, +0.25 if each digit
+    1-4 appears four times, +0.5 if it keeps every given of the puzzle."""
+    if block is None or len(block) != 16:
+        return 0.0
+    return (0.25 + 0.25 * ("".join(sorted(block)) == "1111222233334444")
+            + 0.5 * all(p in ("0", g) for p, g in zip(example["puzzle"], block)))
+
+
+def _sudoku_share(answer, example):
+    """Share of the puzzle's empty cells that hold the solution's digit, for a whole grid: the
+    answer's 16 digits once separator lines, code fences, whitespace, '|' and ',' are dropped.
+    Anything else (15 or 17 digits, letters, part of a grid) is malformed and scores 0."""
+    lines = [line for line in (answer or "").splitlines() if not _SEPARATOR_LINE.fullmatch(line)]
+    grid, solution = re.sub(r"[\s|,]", "", "".join(lines)), example["answer"]
+    if len(grid) != 16 or not (grid.isascii() and grid.isdigit()):
+        return 0.0
+    empty = [i for i, p in enumerate(example["puzzle"]) if p == "0"]
     if not empty:
-        return fmt, 3.0 * (grid == solution)
-    solved = sum(i < len(grid) and grid[i] == solution[i] for i in empty)
-    return fmt, 3.0 * solved / len(empty)
+        return float(grid == solution)
+    return sum(grid[i] == solution[i] for i in empty) / len(empty)
 
 
 _PEERS = [[j for j in range(16) if j != i and (
@@ -310,20 +447,26 @@ def count_sudoku_solutions(puzzle, limit=2):
 # ---------------------------------------------------------------- public scoring API
 
 def reward_parts(task, completion, example):
-    """The two summed parts of the training reward: {"format": ..., "correct": ...}."""
+    """The two summed parts of the shaped reward and the answer they judged:
+    {"format": strict format score, "correct": 0 to 3, "answer": final answer text or None}."""
     _check_task(task)
-    has_think, answer = _tags(completion)
+    tail = completion[-TAIL_CHARS:]
+    low = _lowered(tail)
+    block, answer = _answer_block(tail, low), _final_answer(tail)
     if task == "countdown":
-        fmt, correct = _countdown_parts(answer, example)
+        fmt, correct = _countdown_format(block, example), float(_countdown_correct(answer, example))
     elif task == "sudoku":
-        fmt, correct = _sudoku_parts(answer, example)
-    else:
-        fmt, correct = _math_parts(task, has_think, answer, example)
-    return {"format": float(fmt), "correct": float(correct)}
+        fmt, correct = _sudoku_format(block, example), _sudoku_share(answer, example)
+    else:  # 0.5 for a think block, 0.5 for an answer block
+        opened = low.find("<think>")
+        fmt = 0.5 * (opened >= 0 and low.find("</think>", opened) >= 0) + 0.5 * (block is not None)
+        correct = float(_math_equal(task, answer, example["answer"]))
+    return {"format": float(fmt), "correct": 3.0 * correct,
+            "answer": None if answer is None else answer[:MAX_SHOWN_CHARS]}
 
 
 def reward(task, completion, example):
-    """Shaped training reward (the paper, section 5): format + correctness, at most 4."""
+    """Shaped training reward of the paper: format + correctness, at most 4."""
     parts = reward_parts(task, completion, example)
     return parts["format"] + parts["correct"]
 
@@ -333,8 +476,17 @@ def is_correct(task, completion, example):
     return reward_parts(task, completion, example)["correct"] / 3.0
 
 
+def reference(task, example):
+    """The reference answer as text, for an audit row beside the extracted answer."""
+    _check_task(task)
+    if task == "countdown":
+        return f"{example['target']} from {example['nums']}"
+    return str(example["answer"])
+
+
 def prompt_messages(task, example):
-    """Chat messages for one example: a short task instruction, then the problem."""
+    """Chat messages for one example: the task's system prompt (format and worked examples),
+    then the problem."""
     _check_task(task)
     return [{"role": "system", "content": SYSTEM_PROMPTS[task]},
             {"role": "user", "content": example["question"]}]
@@ -431,8 +583,8 @@ def _fetch(task, path, **kwargs):
                               + fix) from err
 
 
-def _hub(task, split):
-    """The paper's data (section 5), with test problems removed from the train split."""
+def _hub(task, split, gsm8k_test):
+    """The paper's data, with test problems removed from the train split."""
     if task == "countdown":
         test = [_countdown_example(row["input"].split(","), row["output"])
                 for row in _fetch(task, "json", data_files=CD3_TEST_URL, split="train")]
@@ -443,7 +595,9 @@ def _hub(task, split):
         return [_countdown_example(row["nums"], row["target"]) for row in rows
                 if len(row["nums"]) == 3 and tuple(sorted(row["nums"])) not in held_out]
     if task == "gsm8k":
-        rows = _fetch(task, "openai/gsm8k", name="main", split=split)
+        platinum = (split, gsm8k_test) == ("test", "platinum")  # the label errors fixed
+        rows = _fetch(task, "madrylab/gsm8k-platinum" if platinum else "openai/gsm8k",
+                      name="main", split=split)
         return [{"question": row["question"], "answer": row["answer"].split("####")[-1].strip()}
                 for row in rows]
     if task == "math500":
@@ -462,17 +616,70 @@ def _hub(task, split):
     return examples[:20_000] if split == "train" else examples
 
 
-def load_examples(task, split, source, n=None, seed=0):
+def load_examples(task, split, source, n=None, seed=0, gsm8k_test="platinum"):
     """Examples of task for split "train" or "test" from source "hub" (the paper's data,
-    through `datasets`) or "synthetic" (offline, seeded); the first n if n is given.
-    Raises DataUnavailable when the data cannot be loaded."""
+    through `datasets`) or "synthetic" (offline, seeded); the first n if n is given. The GSM8K
+    test split is gsm8k_test: "platinum" (GSM8K with its label errors fixed, the authors'
+    choice) or "openai" (the original). Raises DataUnavailable when the data cannot be loaded."""
     _check_task(task)
     if split not in ("train", "test"):
         raise ValueError(f"unknown split {split!r}; expected 'train' or 'test'")
+    if gsm8k_test not in GSM8K_TEST_SETS:
+        raise ValueError(f"unknown GSM8K test set {gsm8k_test!r}; expected one of: "
+                         f"{', '.join(GSM8K_TEST_SETS)}")
     if source == "hub":
-        examples = _hub(task, split)
+        examples = _hub(task, split, gsm8k_test)
     elif source == "synthetic":
         examples = _synthetic(task, split, n, seed)
     else:
         raise ValueError(f"unknown source {source!r}; expected 'hub' or 'synthetic'")
     return examples if n is None else examples[:n]
+
+
+# ---------------------------------------------------------------- prompts
+
+def _worked_sudokus(count=3):
+    """Worked examples for the sudoku prompt: puzzles from the project's generator (with its
+    own seed) that fill up one forced cell at a time, a cell whose row, column and box already
+    hold the three other digits, written out step by step."""
+    rng, worked = random.Random("sudoku/prompt"), []
+    while len(worked) < count:
+        puzzle = _random_sudoku(rng)["puzzle"]
+        cells, steps = [int(c) for c in puzzle], []
+        for _ in range(puzzle.count("0")):
+            seen = {i: sorted({cells[j] for j in _PEERS[i]} - {0})
+                    for i in range(16) if cells[i] == 0}
+            i = next((i for i, held in seen.items() if len(held) == 3), None)
+            if i is None:
+                break
+            cells[i] = 10 - sum(seen[i])  # 1 + 2 + 3 + 4 = 10
+            steps.append(f"R{i // 4 + 1}C{i % 4 + 1}: its row, column and box hold "
+                         f"{seen[i][0]}, {seen[i][1]} and {seen[i][2]}, so {cells[i]}.")
+        if 0 not in cells:
+            rows = " ".join(puzzle[r:r + 4] for r in range(0, 16, 4))
+            worked.append(f"Puzzle: {puzzle}\n<think>\nRows: {rows}.\n" + "\n".join(steps)
+                          + f"\n</think>\n<answer>\n{''.join(map(str, cells))}\n</answer>")
+    return worked
+
+
+_REASON = ("Reason step by step inside <think> </think>, then give the final answer inside "
+           "<answer> </answer>")
+SYSTEM_PROMPTS = {
+    "countdown": (
+        "You will be given a target number and three numbers. Write an arithmetic expression "
+        "that uses each number exactly once, with +, -, *, / and parentheses, and equals the "
+        "target. " + _REASON + " as: expression = target. For example, for target 41 and "
+        "numbers [7, 13, 50]:\n<think>\n50 - 13 + 7 = 44 is too big. 7 * 13 = 91, and "
+        "91 - 50 = 41.\n</think>\n<answer>\n7 * 13 - 50 = 41\n</answer>"),
+    "gsm8k": (
+        "You will be given a math problem. " + _REASON + ", with only the final number or "
+        "expression in \\boxed{}. For example, for \"A box holds 6 pens. How many pens are left "
+        "from 4 boxes after 5 are given away?\":\n<think>\n4 boxes hold 4 * 6 = 24 pens, and "
+        "24 - 5 = 19 are left.\n</think>\n<answer>\n\\boxed{19}\n</answer>"),
+    "sudoku": (
+        "You will be given a 4x4 sudoku as 16 digits, row by row from the top, with 0 for an "
+        "empty cell. Fill every empty cell with a digit 1-4 so that each row, each column and "
+        "each of the four 2x2 boxes holds 1, 2, 3 and 4 once. " + _REASON + " as the full "
+        "grid: 16 digits, no spaces. Three worked examples:\n\n" + "\n\n".join(_worked_sudokus())),
+}
+SYSTEM_PROMPTS["math500"] = SYSTEM_PROMPTS["gsm8k"]

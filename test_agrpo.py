@@ -518,12 +518,13 @@ def test_released_schedule_updates_after_each_sampled_step(toy, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 4. Rewards (reward.py): correct, wrong, malformed and hostile answers; the offline data generators
+# 4. Rewards (reward.py): real LLaDA answers as a careful human grades them, each grading rule, malformed and
+#    hostile answers; prompts; the offline data generators and the hub loaders
 _CD = {"question": "Target: 23\nNumbers: [30, 100, 93]", "nums": [30, 100, 93], "target": 23}
 _GSM = {"question": "How many?", "answer": "18"}
 _MATH = {"question": "Half of one?", "answer": "\\frac{1}{2}"}
 _SUDOKU = {"question": "Puzzle: 0310200404001043", "puzzle": "0310200404001043",
-          "answer": "4312213434211243"}
+           "answer": "4312213434211243"}
 _EXAMPLES = {"countdown": _CD, "gsm8k": _GSM, "math500": _MATH, "sudoku": _SUDOKU}
 
 
@@ -536,10 +537,113 @@ def _parts(task, completion, example=None):
     return p["format"], p["correct"]
 
 
+def _cd(nums, target):
+    return {"question": "", "nums": nums, "target": target}
+
+
+def _sudoku(puzzle, answer):
+    return {"question": "", "puzzle": puzzle, "answer": answer}
+
+
+# The answer-bearing tails (last lines) of real LLaDA-8B-Instruct completions: d1's published baseline
+# generations at length 128, answering d1's prompt (<reasoning> tags, then <answer>\boxed{...}</answer>),
+# each with its line in the generation file and the score a careful human grader gives it.
+_REAL = [  # (task, line, example, tail, human score)
+    # countdown: the expression alone, boxed or bare, or "= target"; each given number exactly once
+    ("countdown", 2, _cd([60, 85, 87], 62), "</reasoning>\n<answer>\n\\boxed{87 - 85 + 60}\n</answer>", 1),
+    ("countdown", 193, _cd([48, 96, 26], 74), "</reasoning>\n<answer>\n96 - 48  + 26\n</answer>", 1),
+    ("countdown", 211, _cd([90, 22, 61], 7), "</reasoning>\n<answer>\n\\boxed{90 - 22 - 61 = 7}\n</answer>", 1),
+    ("countdown", 100, _cd([24, 24, 34], 34), "</reasoning>\n<<answer>\n\\boxed{34 - 24 + 24}\n</answer>", 1),
+    ("countdown", 217, _cd([74, 56, 53], 71), "</reasoning>\n\n\\boxed{(74 - 56) + 53}", 1),  # no tags
+    ("countdown", 207, _cd([27, 83, 91], 35), "</reasoning>\n\n<>\n\\boxed{91 - 83 + 27}", 1),
+    ("countdown", 56, _cd([28, 5, 11], 34), "</reasoning>\n<answer>\n\\boxed{28 + (11 - 5}\n</answer>", 1),
+    ("countdown", 97, _cd([61, 60, 4], 3), "</reasoning>\n\\boxed{61 - 60 - 4}", 0),  # -3
+    ("countdown", 138, _cd([48, 29, 16], 93), "</reasoning>\n<answer> \\boxed{48 + 29 - 16}", 0),
+    ("countdown", 0, _cd([49, 55, 53], 51), "</reasoning>\n<answer>\n\\boxed{55 - 53}\n</answer>", 0),
+    ("countdown", 15, _cd([51, 60, 99], 11), "</reasoning>\n<answer>\n\\boxed{99 - 60 - 60}\n</answer>", 0),
+    ("countdown", 118, _cd([43, 58, 61], 46),
+     "</reasoning>\n<answer>\n\\boxed{(43 + 58) - 61 + 46 = 46}\n</answer>", 0),  # 46 is not given
+    ("countdown", 48, _cd([15, 78, 62], 1),
+     "</reasoning>\n<answer>\n\\boxed{\\frac{15}{78} \\times 62}\n</answer>", 0),  # 155/13
+    ("countdown", 233, _cd([14, 32, 7], 39),
+     "</reasoning>\n<answer>\n\\boxed{14 + \\frac{32}{14} + 7}\n</answer>", 0),  # 14 twice
+    ("countdown", 66, _cd([79, 80, 47], 48), "</reasoning>\n<answer>\nboxed{80 - 32}\n</answer>", 0),
+    ("countdown", 36, _cd([64, 27, 74], 37), "</reasoning>\n<answer>\n\\boxed{}\n\\boxed{2}\n</answer>", 0),
+    # gsm8k: where the final answer is, and its value
+    ("gsm8k", 2, {"answer": "60"}, "= 60%.\n\\boxed{60\\%}\n</answer>", 1),  # no <answer> opened
+    ("gsm8k", 3, {"answer": "6"}, "= 6 miles per hour.\n</answer>\n\\boxed{6}", 1),  # boxed after the tags
+    ("gsm8k", 9, {"answer": "36"}, "</reasoning>\n<answer>\n\\boxed{36>", 1),  # box and block left open
+    ("gsm8k", 52, {"answer": "20"}, "</reasoning>\n<answer>\n\\boxed{20} minutes early", 1),
+    ("gsm8k", 197, {"answer": "70"}, "18 = 70\n</answer>\n<answer>\n\\boxed{70}", 1),
+    ("gsm8k", 64, {"answer": "18"}, "= 18 \\) cookies.\n</reasoning>\n\n<>\n\\boxed{18}\n>", 1),
+    ("gsm8k", 143, {"answer": "1125"}, "5168 - 4043 = 1125\n</reasoning>\n\nAnswer: \\boxed{1125}", 1),
+    ("gsm8k", 76, {"answer": "10"}, "after 3 weeks is \\(\\boxed{10}\\) inches.", 1),
+    ("gsm8k", 582, {"answer": "4"}, "</reasoning>\n<answer>\nboxed{4}\n</answer>", 1),  # no backslash
+    ("gsm8k", 36, {"answer": "400"}, "\n\n<answer>\n$400\n</answer>", 1),  # no box
+    ("gsm8k", 35, {"answer": "45"}, "</reasoning>\n<answer>\n\\boxed{45.0}", 1),
+    ("gsm8k", 343, {"answer": "240"}, "</reasoning>\n\\boxed{240 sheets per month}", 1),
+    ("gsm8k", 784, {"answer": "101"}, "</reasoning>\n<answer>\n\\boxed{}101\n</answer>", 1),  # empty box
+    ("gsm8k", 79, {"answer": "79"}, "The total distance they biked is 54 + 25 = 79 miles.\n</answer>", 0),
+    ("gsm8k", 898, {"answer": "1110"}, "</reasoning>\n<answer>\n\\boxed{1}110.", 0),  # the box holds 1
+    ("gsm8k", 349, {"answer": "15"},
+     "<answer>\n\\[\n90 - 105 = -15 \\text{ dollars}\n\\]\n\\boxed{-15}\n</answer>", 0),
+    ("gsm8k", 946, {"answer": "880"}, "180 + 300 + 400 = 880.\n</answer>\\boxed{888}", 0),
+    # math500: equal values in other spellings
+    ("math500", 73, {"answer": "x=5"}, "</reasoning>\n<answer>\n\\boxed{5}\n</answer>", 1),
+    ("math500", 414, {"answer": "x \\in [-2,7]"}, "</reasoning>\n<answer>\n\\boxed{[-2, 7]}\n</answer>", 1),
+    ("math500", 312, {"answer": "\\text{(C)}"}, "</reasoning>\n<answer>\n\\boxed{C}\n</answer>\n", 1),
+    ("math500", 131, {"answer": "31"}, "<answer>\n\\boxed{8 + 8 + 15 = 31 units}\n</answer>", 1),
+    ("math500", 183, {"answer": "180^\\circ"}, "</reasoning>\n<answer>\n\\boxed{180}\n</answer>", 1),
+    ("math500", 238, {"answer": "58,500"}, "</reasoning>\n<answer>\n\\boxed{58500}", 1),
+    ("math500", 351, {"answer": "\\frac{4}{9}"}, "</reasoning>\n<answer>\n\\boxed{8/18}\n</answer>", 1),
+    ("math500", 46, {"answer": "\\frac14"}, "</reasoning>\n<answer>\n\\boxed{0.25}", 1),
+    ("math500", 72, {"answer": "\\frac{1}{8}"}, "</,ing>\n<answer>\n\\boxed{\\frac{3}{24}}\n</answer>", 1),
+    ("math500", 247, {"answer": "2516_8"}, "</reasoning>\n<answer>\n\\boxed{2516}\n</answer>", 1),
+    ("math500", 232, {"answer": "\\frac 59"}, "</reasoning>\n\\boxed{\\frac{5}{9}}\n```", 1),
+    ("math500", 249, {"answer": "(-\\infty, 2) \\cup (3, \\infty)"},
+     "</reasoning>\n<answer>\n\\boxed{(-\\infty, 2)\\cup(3, \\infty)}\n</answer>", 1),
+    ("math500", 297, {"answer": "6r^2-4r-24"}, "</reasoning>\n<answer is \\boxed{6r^2 - 4r - 24}", 1),
+    ("math500", 202, {"answer": "\\$36"}, "</reasoning>\n<answer>\n\\boxed{36.00}\n</answer>", 1),
+    ("math500", 343, {"answer": "10"}, "</reasoning>\n<answer>\n\\boxed{10\\%}\n</answer>", 1),
+    ("math500", 406, {"answer": "23"}, "</reasoning>\n\\boxed{23>", 1),
+    ("math500", 2, {"answer": "40"}, "</reasoning>\n<answer>\n\\boxed{4{10}}\n</answer>", 0),  # renders 410
+    ("math500", 128, {"answer": "\\frac{\\sqrt{3}}{3}"},
+     "</reasoning>\n<answer>\n\\boxed{\\sqrt{3}}\n</answer>", 0),
+    ("math500", 88, {"answer": "1+2i"}, "</reasoning>\n<answer>\n\\boxed{1-2i}\n</answer>", 0),
+    ("math500", 92, {"answer": "y = 2x + 3"}, "</reasoning>\n<answer>\n\\boxed{y = 2x + b}\n</answer>", 0),
+    ("math500", 111, {"answer": "3, 5, 7"}, "</reasoning>\n<answer>\n\\boxed{5}\n</answer>", 0),
+    ("math500", 53, {"answer": "5.4 \\text{ cents}"}, "</reasoning>\n<answer>\n\\boxed{10.7}\n</answer>", 0),
+    ("math500", 362, {"answer": "(1,-16,-4,43)"}, "</reasoning>\n<answer>\n\\boxed{(-1,16,-4)}\n</answer>", 0),
+    ("math500", 188, {"answer": "3R^2"}, "<answer>\n\\boxed{AF^2 + BF^2 + CF^2 = R^2\n</answer>", 0),
+    # sudoku: the share of empty cells solved, only for a whole 16-digit grid
+    ("sudoku", 1, _sudoku("0204032001400402", "1234432121433412"),
+     "</reasoning>\n<answer>\n1234432121433412\n</answer>", 1),
+    ("sudoku", 3, _sudoku("2030042043101000", "2134342143121243"),
+     "</reasoning>\n<answer>\n1324342343121212\n</answer>", 0.5),
+    ("sudoku", 61, _sudoku("4300014030010230", "4312214334211234"),
+     "</reasoning>\n<answer>\n43000140\n30010230\n</answer>", 0),  # the puzzle, copied
+    ("sudoku", 6, _sudoku("1002031030004023", "1432231432414123"),
+     "</reasoning>\n<answer>\n10020\n31030\n04023\n</answer>", 0),  # 15 digits
+    ("sudoku", 26, _sudoku("3200000223011400", "3214413223411423"),
+     "</reasoning>\n<answer>\n13200000223011400\n</answer>", 0),  # 17 digits
+    ("sudoku", 69, _sudoku("0043400130020130", "1243432134122134"),
+     "</reasoning>\n<answer>\n1234\\\n4213\\\n2313\n</answer>", 0),
+    ("sudoku", 95, _sudoku("0100301010022340", "4123321414322341"),
+     "</reasoning>\n<answer>\n1331124\n</answer", 0),
+]
+
+
+@pytest.mark.parametrize("task,line,example,tail,human", _REAL, ids=[f"{r[0]}:{r[1]}" for r in _REAL])
+def test_reward_grades_real_llada_answers_as_a_careful_human(task, line, example, tail, human):
+    """is_correct gives each real LLaDA answer the score a careful human grader gives it."""
+    assert reward.is_correct(task, tail, dict(example, question="")) == pytest.approx(human)
+
+
 @pytest.mark.parametrize("task,answer", [
     ("countdown", "93 - 100 + 30 = 23"), ("gsm8k", "\\boxed{18}"),
     ("math500", "\\boxed{\\dfrac{1}{2}}"), ("sudoku", "4312213434211243")])
 def test_reward_correct_answer_gets_full_reward(task, answer):
+    """An answer in the asked format earns the whole reward, 4: format 1 plus correctness 3."""
     ex = _EXAMPLES[task]
     assert reward.reward(task, _wrap(answer), ex) == pytest.approx(4.0)
     assert reward.is_correct(task, _wrap(answer), ex) == 1.0
@@ -547,25 +651,50 @@ def test_reward_correct_answer_gets_full_reward(task, answer):
 
 
 def test_reward_countdown_format_and_correctness():
+    """Countdown format: 1/3 per check of `expression = target`; correctness: exact value, given numbers."""
     assert _parts("countdown", _wrap("100 - 93 + 30 = 23")) == pytest.approx((1.0, 0.0))  # = 37
     assert reward.is_correct("countdown", _wrap("100 - 93 + 30 = 23"), _CD) == 0.0
     assert _parts("countdown", _wrap("100 - 30 = 23")) == pytest.approx((2 / 3, 0.0))
     assert _parts("countdown", _wrap("x = 7")) == (0.0, 0.0)
-    assert _parts("countdown", _wrap("93 - 100 + 30")) == (0.0, 0.0)  # no '='
+    assert _parts("countdown", _wrap("93 - 100 + 30")) == (0.0, 3.0)  # right, but not in the asked format
     assert _parts("countdown", _wrap("93 - 100 + 30 = 23 = 23")) == pytest.approx((0.5, 3.0))
     assert _parts("countdown", _wrap("-(100 - 93) + 30 = 23")) == pytest.approx((1.0, 3.0))
     assert _parts("countdown", _wrap("９３ - 100 + 30 = 23")) == pytest.approx((1 / 3, 0.0))
-    assert _parts("countdown", _wrap("93 - 100 + 30 = ２３")) == pytest.approx((2 / 3, 3.0))
+    assert _parts("countdown", _wrap("93 - 100 + 30 = ２３")) == pytest.approx((2 / 3, 0.0))
     # exact arithmetic: in floats 1 / 49 * 49 is 0.9999999999999999
-    ex = {"question": "", "nums": [1, 49, 49], "target": 1}
+    ex = _cd([1, 49, 49], 1)
     assert _parts("countdown", _wrap("1 / 49 * 49 = 1"), ex) == pytest.approx((1.0, 3.0))
     assert _parts("countdown", _wrap("(1/3)*3*49 = 1"), ex)[1] == 0.0  # wrong numbers
-    ex = {"question": "", "nums": [5, 5, 9], "target": 9}
+    ex = _cd([5, 5, 9], 9)
     assert _parts("countdown", _wrap("9 / (5 - 5) = 9"), ex) == pytest.approx((1.0, 0.0))
     assert _parts("countdown", _wrap("9 ** 5 - 5 = 9"), ex) == pytest.approx((1.0, 0.0))
 
 
+def test_reward_countdown_reusing_a_number_is_wrong():
+    """An expression that reaches the target only by using a given number twice earns no correctness."""
+    assert reward.is_correct("countdown", _wrap("93 - 100 + 30 + 30 - 30 = 23"), _CD) == 0.0
+    assert _parts("countdown", _wrap("\\boxed{93 - 100 + 30 + 30 - 30}"))[1] == 0.0
+
+
+@pytest.mark.parametrize("example,answer,human", [
+    (_CD, "\\boxed{93 - 100 + 30}", 1), (_CD, "\\boxed{(93 - 100) + 30 = 23}", 1),
+    (_CD, "\\boxed{\\left(93 - 100\\right) + 30}", 1), (_CD, "$93 − 100 + 30$", 1),
+    (_CD, "93 - 100 + 30 = -7 + 30 = 23", 1), (_CD, "\\boxed{93 - 100 + 30.}", 1),
+    (_cd([7, 13, 50], 41), "\\boxed{7 \\times 13 - 50}", 1), (_cd([7, 13, 50], 41), "7 \\cdot 13 - 50 = 41", 1),
+    (_cd([7, 13, 50], 41), "\\boxed{13 × 7 - 50}", 1), (_cd([4, 12, 20], 23), "\\boxed{20 + 12 \\div 4}", 1),
+    (_cd([4, 12, 20], 23), "20 + 12 ÷ 4 = 23", 1), (_cd([4, 12, 20], 23), "\\boxed{\\frac{12}{4} + 20 = 23}", 1),
+    (_cd([4, 12, 20], 23), "\\boxed{20 + \\dfrac{12}{4}}", 1),
+    (_CD, "\\boxed{93 - 100 + 30 = 24}", 0), (_CD, "93 - 100 + 30 = 20 + 3 = 24", 0),
+    (_CD, "\\boxed{\\frac{93}{1} - 100 + 30}", 0), (_CD, "\\boxed{93 - 100 + 3 * 10}", 0),
+    (_cd([4, 12, 20], 23), "\\boxed{20 + \\frac{12}}", 0), (_CD, "\\boxed{93 - 100 + 30 x}", 0),
+])
+def test_reward_countdown_reads_latex_and_unicode(example, answer, human):
+    """Countdown correctness reads the bare expression, `= target`, LaTeX, Unicode and \\frac, still exactly."""
+    assert reward.is_correct("countdown", _wrap(answer), example) == human
+
+
 def test_reward_last_answer_block_is_graded():
+    """Of several answer blocks, the last one is graded, whatever the case of its tags."""
     good, bad = _wrap("93 - 100 + 30 = 23"), "<answer>1 = 2</answer>"
     assert reward.reward("countdown", bad + good, _CD) == pytest.approx(4.0)
     assert reward.reward("countdown", good + bad, _CD) == pytest.approx(1 / 3)
@@ -573,50 +702,104 @@ def test_reward_last_answer_block_is_graded():
 
 
 @pytest.mark.parametrize("task", reward.TASKS)
-def test_reward_malformed_gets_low_reward(task):
+def test_reward_format_is_strict_where_correctness_is_careful(task):
+    """Format credit needs a closed answer block; correctness reads what a careful grader reads as the answer."""
     right = {"countdown": "93 - 100 + 30 = 23", "gsm8k": "\\boxed{18}",
              "math500": "\\boxed{\\frac{1}{2}}", "sudoku": "4312213434211243"}[task]
-    think_only = 0.5 if task in ("gsm8k", "math500") else 0.0
-    for completion in ("", right, "<answer>" + right, right + "</answer>",
-                       "<think>x</think><answer>" + right):
-        expected = think_only if completion.startswith("<think>") else 0.0
-        assert reward.reward(task, completion, _EXAMPLES[task]) == expected
-        assert reward.is_correct(task, completion, _EXAMPLES[task]) == 0.0
-    long_answer = _wrap(right + " " * reward.MAX_ANSWER_CHARS + ".")
-    assert reward.reward(task, long_answer, _EXAMPLES[task]) == think_only
+    boxed = task in ("gsm8k", "math500")  # a box is an answer even without tags
+    think_only = 0.5 if boxed else 0.0
+    cases = [("", 0, 0), (right, 0, boxed), ("<answer>" + right, 0, 1), (right + "</answer>", 0, boxed),
+             ("<think>x</think><answer>" + right, think_only, 1), ("<answer>" + right + "<|eot_id|>", 0, 1)]
+    for completion, fmt, correct in cases:
+        assert _parts(task, completion) == pytest.approx((fmt, 3.0 * correct)), completion
+    too_long = _wrap(right + " " * reward.MAX_ANSWER_CHARS + ".")
+    assert _parts(task, too_long) == (think_only, 0.0)  # a block too long to read holds no answer
 
 
-def test_reward_math_matching():
-    assert _parts("gsm8k", _wrap("\\boxed{17}")) == (1.0, 0.0)
-    assert _parts("gsm8k", _wrap("\\boxed{18}", think=False)) == (0.5, 3.0)
-    for ok in ("\\boxed{\\$18.00}", "\\boxed{18 dollars}", "18", "\\boxed{\\text{18 apples}}"):
-        assert reward.is_correct("gsm8k", _wrap(ok), _GSM) == 1.0, ok
-    assert reward.is_correct("gsm8k", _wrap("\\boxed{1,000}"), {"answer": "1000"}) == 1.0
-    for ok in ("\\boxed{0.5}", "\\boxed{\\frac12}", "\\boxed{1/2}", "$\\boxed{\\tfrac{1}{2}}$."):
-        assert reward.is_correct("math500", _wrap(ok), _MATH) == 1.0, ok
-    for wrong in ("\\boxed{\\frac{1}{3}}", "\\boxed{1/0}", "\\boxed{", "\\boxed{}", "0.5000001"):
-        assert reward.is_correct("math500", _wrap(wrong), _MATH) == 0.0, wrong
-    ex = {"answer": "\\left( 3, \\frac{\\pi}{2} \\right)"}
-    assert reward.is_correct("math500", _wrap("\\boxed{(3,\\frac{\\pi}{2})}"), ex) == 1.0
-    assert reward.is_correct("math500", _wrap("\\boxed{x = 5}"), {"answer": "5"}) == 1.0
-    assert reward.is_correct("math500", _wrap("\\boxed{5x}"), {"answer": "5"}) == 0.0
+def test_reward_final_answer_is_where_a_careful_grader_finds_it():
+    """The answer is the last answer block (closed or open) and its last box, else the last non-empty box."""
+    cases = [
+        ("<answer>\\boxed{17}</answer> then \\boxed{18}", 0),  # a box after a closed block is not read
+        ("<answer>the total is 18</answer>", 1), ("<answer>\\boxed{18}<|eot_id|>\\boxed{17}", 1),
+        ("<answer>\\boxed{17} or rather \\boxed{18}</answer>", 1), ("<answer></answer>\\boxed{18}", 1),
+        ("\\boxed{18} and later \\boxed{17}", 0), ("<answer>\\boxed{ }</answer> so \\boxed{18}", 1),
+        ("<answer>\\boxed{\\boxed{18}}</answer>", 1), ("<answer>\\boxed{18", 1), ("<answer>\\boxed{1", 0),
+        ("the answer is 18", 0), ("<answer>17</answer>\n<answer>\\boxed{18}", 1),
+    ]
+    for completion, human in cases:
+        assert reward.is_correct("gsm8k", completion, _GSM) == human, completion
 
 
-def test_reward_sudoku_partial_credit():
-    # swap two filled-in cells (0 and 3 are both empty in row 1): row 1 becomes 2314
-    grid = "2314" + _SUDOKU["answer"][4:]
+@pytest.mark.parametrize("task,reference,answer,human", [
+    ("gsm8k", "18", "\\boxed{\\$18.00}", 1), ("gsm8k", "18", "\\boxed{18 dollars}", 1), ("gsm8k", "18", "18", 1),
+    ("gsm8k", "18", "\\boxed{\\text{18 apples}}", 1), ("gsm8k", "18", "\\boxed{9 \\times 2 = 18}", 1),
+    ("gsm8k", "1000", "\\boxed{1,000}", 1), ("gsm8k", "60", "\\boxed{60\\%}", 1),
+    ("gsm8k", "255", "boxed{255}", 1),
+    ("gsm8k", "18", "\\boxed{17}", 0), ("gsm8k", "18", "\\boxed{18.5}", 0),
+    ("math500", "\\frac{1}{2}", "\\boxed{0.5}", 1), ("math500", "\\frac{1}{2}", "\\boxed{\\frac12}", 1),
+    ("math500", "\\frac{1}{2}", "\\boxed{1/2}", 1), ("math500", "\\frac{1}{2}", "$\\boxed{\\tfrac{1}{2}}$.", 1),
+    ("math500", "\\frac9{19}", "\\boxed{\\dfrac{9}{19}}", 1), ("math500", "\\frac9{19}", "\\boxed{9/19}", 1),
+    ("math500", "\\frac9{19}", "\\boxed{0.47}", 0), ("math500", "\\frac{1}{3}", "\\boxed{0.33}", 0),
+    ("math500", "1\\frac{4}{5}", "\\boxed{\\frac{9}{5}}", 1), ("math500", "\\frac{1}{2}", "\\boxed{1/0}", 0),
+    ("math500", "5", "\\boxed{x = 5}", 1), ("math500", "x=5", "\\boxed{x = 5}", 1),
+    ("math500", "5", "\\boxed{5x}", 0),
+    ("math500", "x \\in [-2,7]", "\\boxed{[-2,7]}", 1), ("math500", "x \\in [-2,7]", "\\boxed{(-2,7)}", 0),
+    ("math500", "5.4 \\text{ cents}", "\\boxed{5.4}", 1),
+    ("math500", "5.4 \\text{ cents}", "\\boxed{5.4 cents}", 1),
+    ("math500", "15\\mbox{ cm}^2", "\\boxed{15}", 1), ("math500", "15\\mbox{ cm}^2", "\\boxed{15 cm^2}", 1),
+    ("math500", "12", "\\boxed{12 cm}", 1), ("math500", "31", "\\boxed{31 \\text{ units}}", 1),
+    ("math500", "\\frac{270}7\\text{ degrees}", "\\boxed{\\frac{270}{7}}", 1),
+    ("math500", "\\text{(C)}", "\\boxed{\\text{(C)}}", 1), ("math500", "\\text{(C)}", "\\boxed{(C)}", 1),
+    ("math500", "\\text{(C)}", "\\boxed{\\textbf{(C)}}", 1), ("math500", "\\text{(C)}", "\\boxed{B}", 0),
+    ("math500", "4210_{5}", "\\boxed{4210_5}", 1), ("math500", "4210_{5}", "\\boxed{4211_5}", 0),
+    ("math500", "3, 5, 7", "\\boxed{3, 7, 5}", 1), ("math500", "3, 5, 7", "\\boxed{\\{7, 3, 5\\}}", 1),
+    ("math500", "3, 5, 7", "\\boxed{3, 5}", 0), ("math500", "3, 5, 7", "\\boxed{3, 5, 5}", 0),
+    ("math500", "(15,-29)", "\\boxed{(15, -29)}", 1), ("math500", "(15,-29)", "\\boxed{(-29, 15)}", 0),
+    ("math500", "\\left( 3, \\frac{\\pi}{2} \\right)", "\\boxed{(3,\\frac{\\pi}{2})}", 1),
+    ("math500", "\\frac{\\sqrt{3}}{3}", "\\boxed{\\sqrt{3}/3}", 1),
+    ("math500", "\\frac{\\sqrt{3}}{3}", "\\boxed{\\frac{\\sqrt3}{3}}", 1),
+    ("math500", "\\frac{\\sqrt{3}}{3}", "\\boxed{\\frac{1}{\\sqrt{3}}}", 1),
+    ("math500", "\\frac{\\sqrt{3}}{3}", "\\boxed{0.577}", 0), ("math500", "11\\sqrt2", "\\boxed{\\sqrt{242}}", 1),
+    ("math500", "15x - 80", "\\boxed{-80 + 15x}", 1), ("math500", "15x - 80", "\\boxed{15x + 80}", 0),
+    ("math500", "\\$32,\\!348", "\\boxed{32348}", 1), ("math500", "11,\\! 111,\\! 111,\\! 100", "11111111100", 1),
+    ("math500", "90^\\circ", "\\boxed{90^{\\circ}}", 1), ("math500", "\\text{Navin}", "\\boxed{Navin}", 1),
+    ("math500", "\\text{even}", "\\boxed{\\text{odd}}", 0), ("math500", "\\frac{1}{2}", "\\boxed{}", 0),
+])
+def test_reward_math_equivalence(task, reference, answer, human):
+    """GSM8K and MATH-500 answers count when a careful grader would call them equal to the reference."""
+    assert reward.is_correct(task, _wrap(answer), {"answer": reference}) == human
+
+
+def test_reward_sudoku_cells_only_for_a_whole_grid():
+    """Sudoku correctness is the share of empty cells solved, and only a whole 16-digit grid earns any."""
+    grid = "2314" + _SUDOKU["answer"][4:]  # cells 0 and 3 (both empty) swapped: row 1 becomes 2314
     assert _parts("sudoku", _wrap(grid)) == pytest.approx((1.0, 3.0 * 6 / 8))
     assert reward.is_correct("sudoku", _wrap(grid), _SUDOKU) == pytest.approx(6 / 8)
-    assert _parts("sudoku", _wrap("4312 2134\n3421 1243")) == (1.0, 3.0)  # whitespace ignored
     assert _parts("sudoku", _wrap("1" + _SUDOKU["answer"][1:])) == (0.75, 3.0 * 7 / 8)
     assert _parts("sudoku", _wrap("4" + "3" * 15)) == (0.25, 3.0 * 3 / 8)  # breaks givens
-    assert _parts("sudoku", _wrap("4312")) == (0.0, 3.0 * 2 / 8)
-    assert _parts("sudoku", _wrap("４312213434211243")) == (0.75, 3.0 * 7 / 8)
+    for spread in ("4312 2134\n3421 1243", "```\n4312\n2134\n3421\n1243\n```", "4|3|1|2\n2,1,3,4\n3421\n1243",
+                   "+---+---+\n|43|12|\n|21|34|\n+---+---+\n|34|21|\n|12|43|\n+---+---+"):
+        assert _parts("sudoku", _wrap(spread)) == (0.0, 3.0), spread  # read as a grid, not in the format
+    for malformed in ("4312", "431221343421124", "43122134342112433", "４312213434211243",
+                      "4312-2134-3421-1243", "R1: 4312 R2: 2134 R3: 3421 R4: 1243"):
+        assert _parts("sudoku", _wrap(malformed))[1] == 0.0, malformed
+
+
+def test_reward_parts_report_the_answer_judged_and_the_reference():
+    """reward_parts names the answer it judged (short, None if none); reference() gives the audit's reference."""
+    completion = "<think>x</think><answer>\n\\boxed{18 apples}\n</answer>"
+    assert reward.reward_parts("gsm8k", completion, _GSM) == {"format": 1.0, "correct": 3.0, "answer": "18 apples"}
+    assert reward.reward_parts("gsm8k", "no answer", _GSM)["answer"] is None
+    assert len(reward.reward_parts("gsm8k", "<answer>" + "7" * 900 + "</answer>", _GSM)["answer"]) <= 200
+    assert reward.reference("countdown", _CD) == "23 from [30, 100, 93]"
+    assert reward.reference("gsm8k", _GSM) == "18" and reward.reference("math500", _MATH) == "\\frac{1}{2}"
+    assert reward.reference("sudoku", _SUDOKU) == _SUDOKU["answer"]
 
 
 def test_reward_unknown_task_raises():
+    """Every entry point refuses an unknown task, naming the known ones."""
     for call in (lambda: reward.reward("chess", "", {}), lambda: reward.is_correct("x", "", {}),
-                 lambda: reward.prompt_messages("x", {}),
+                 lambda: reward.prompt_messages("x", {}), lambda: reward.reference("x", {}),
                  lambda: reward.load_examples("x", "test", "synthetic")):
         with pytest.raises(ValueError, match="countdown, gsm8k, math500, sudoku"):
             call()
@@ -644,10 +827,21 @@ _HOSTILE = [
     "\ud800<answer>\udfff</answer>",
     "<answer>" + "=" * 999 + "</answer>", "<answer>" + "(" * 199 + "</answer>",
     "<answer>" + "İ" * 5000 + "</answer>",
+    # the careful reading: open blocks and boxes, LaTeX arithmetic, units, lists, fractions
+    "<answer>" + "x" * 30000, "\\boxed{" + "{" * 30000, "<answer>" + "boxed{}" * 3000 + "</answer>",
+    "<answer>" + "<|eot_id|>" * 2000, "<answer>\\boxed{" + "(" * 150 + "1" + ")" * 150 + "}</answer>",
+    "<answer>\\boxed{" + "9^{" * 60 + "9" + "}" * 60 + "}</answer>", "<answer>\\boxed{9^{99}^{99}}</answer>",
+    "<answer>\\boxed{1" + " ab" * 300 + "!}</answer>", "<answer>\\boxed{" + "1," * 490 + "1}</answer>",
+    "<answer>" + "\\frac{" * 160 + "</answer>", "<answer>" + "\\frac(1)(" * 20 + "</answer>",
+    "<answer>\\boxed{" + "\\sqrt" * 190 + "}</answer>", "<answer>\\boxed{" + "\\frac{1}{" * 100 + "}</answer>",
+    "<answer>\\boxed{" + "9" * 400 + "\\pi}</answer>", "<answer>\\boxed{\\sqrt{-1}}</answer>",
+    "<answer>\\boxed{(" + "1," * 300 + "1)}</answer>", "<answer>\\boxed{\\{" + "x," * 300 + "x\\}}</answer>",
+    "<answer>\\boxed{" + "x" * 190 + "}</answer>", "<answer>\\boxed{" + "\\text{" * 300 + "}</answer>",
 ]
 
 
 def test_reward_hostile_completions_are_fast_finite_and_wrong():
+    """Hostile completions score a finite float, in under 10 ms, and are never correct."""
     # sudoku: the empty cells all hold a 4 and no hostile text contains an ASCII 4
     only_fours = dict(_SUDOKU, puzzle=_SUDOKU["answer"].replace("4", "0"))
     assert "4" not in "".join(_HOSTILE)
@@ -655,20 +849,25 @@ def test_reward_hostile_completions_are_fast_finite_and_wrong():
     for task, ex in dict(_EXAMPLES, sudoku=only_fours).items():
         for completion in _HOSTILE:
             for score in (reward.reward, reward.is_correct):
-                start = time.perf_counter()
-                value = score(task, completion, ex)
-                worst = max(worst, time.perf_counter() - start)
+                elapsed = []
+                for _ in range(3):  # the least of three runs: the call's cost, not the scheduler's
+                    start = time.perf_counter()
+                    value = score(task, completion, ex)
+                    elapsed.append(time.perf_counter() - start)
+                worst = max(worst, min(elapsed))
                 assert isinstance(value, float) and math.isfinite(value)
             assert reward.is_correct(task, completion, ex) == 0.0, (task, completion[:60])
     print(f"slowest hostile call: {worst * 1000:.2f} ms")
-    assert worst < 0.05
+    assert worst < 0.01
 
 
 def test_reward_fuzz_never_raises():
+    """Random text made of the graders' own tokens never raises and stays within the reward's range."""
     rng = random.Random(0)
     pieces = ["<answer>", "</answer>", "<think>", "</think>", "=", "(", ")", "+", "-", "*",
               "/", "**", " ", "\\boxed{", "}", "{", "0", "1", "23", "93", "100", "30", "٣",
-              "\0", "\\frac", "$", ",", ".", "e9", "x", "\n"]
+              "\0", "\\frac", "$", ",", ".", "e9", "x", "\n", "\\sqrt", "^", "\\{", "\\}", "[", "]",
+              "\\pi", "\\times", "÷", "\\text{", " cm", "_", "\\in", "<|eot_id|>", "|", "---"]
     for _ in range(3000):
         text = "".join(rng.choice(pieces) for _ in range(rng.randint(0, 40)))
         for task, ex in _EXAMPLES.items():
@@ -676,19 +875,31 @@ def test_reward_fuzz_never_raises():
             assert math.isfinite(value) and -0.5 <= value <= 4.0
 
 
-def test_reward_prompt_messages():
+def test_reward_prompts_state_the_format_with_worked_examples():
+    """Each system prompt states the answer format and shows worked examples that the graders score 4."""
     for task, ex in _EXAMPLES.items():
         system, user = reward.prompt_messages(task, ex)
         assert (system["role"], user["role"]) == ("system", "user")
         assert user["content"] == ex["question"]
         assert "<think>" in system["content"] and "<answer>" in system["content"]
-        assert len(system["content"]) < 300
     assert "\\boxed{}" in reward.prompt_messages("math500", _MATH)[0]["content"]
     assert "expression = target" in reward.prompt_messages("countdown", _CD)[0]["content"]
     assert "16 digits" in reward.prompt_messages("sudoku", _SUDOKU)[0]["content"]
+    countdown, math_prompt = reward.SYSTEM_PROMPTS["countdown"], reward.SYSTEM_PROMPTS["gsm8k"]
+    assert reward.reward("countdown", countdown[countdown.rindex("<think>"):], _cd([7, 13, 50], 41)) == 4.0
+    assert reward.reward("gsm8k", math_prompt[math_prompt.rindex("<think>"):], {"answer": "19"}) == 4.0
+    worked = reward.SYSTEM_PROMPTS["sudoku"].split("Puzzle: ")[1:]
+    synthetic_test = {e["puzzle"] for e in reward.load_examples("sudoku", "test", "synthetic")}
+    assert len(worked) == 3
+    for text in worked:  # a generated puzzle with one solution, not a test puzzle, and its solution
+        puzzle, grid = text[:16], text.split("<answer>\n")[1][:16]
+        assert reward.count_sudoku_solutions(puzzle) == 1 and puzzle not in synthetic_test
+        assert reward.count_sudoku_solutions(grid) == 1  # a full grid with no clash
+        assert reward.reward("sudoku", text[text.index("<think>"):], _sudoku(puzzle, grid)) == 4.0
 
 
 def test_data_solvers():
+    """The brute-force checkers find countdown solutions and count sudoku solutions correctly."""
     assert reward.solve_countdown([30, 100, 93], 23) is not None
     assert reward.solve_countdown([1, 1, 1], 100) is None
     assert reward.count_sudoku_solutions("0" * 16, limit=1000) == 288  # all 4x4 grids
@@ -699,6 +910,7 @@ def test_data_solvers():
 
 
 def test_data_synthetic_is_deterministic_and_disjoint():
+    """Synthetic data is seeded: a fixed test set, a train stream that depends on the seed and avoids it."""
     for task in reward.SYNTHETIC_TASKS:
         test = reward.load_examples(task, "test", "synthetic")
         train = reward.load_examples(task, "train", "synthetic", n=300, seed=1)
@@ -714,6 +926,7 @@ def test_data_synthetic_is_deterministic_and_disjoint():
 
 
 def test_data_synthetic_countdown_solvable():
+    """Every generated countdown problem has a solution that earns the whole reward."""
     problems = reward.load_examples("countdown", "test", "synthetic") + \
         reward.load_examples("countdown", "train", "synthetic", n=100)
     for ex in problems:
@@ -726,6 +939,7 @@ def test_data_synthetic_countdown_solvable():
 
 
 def test_data_synthetic_sudoku_unique_and_consistent():
+    """Every generated sudoku has exactly one solution, consistent with its givens."""
     units = [[r * 4 + c for c in range(4)] for r in range(4)] + \
         [[r * 4 + c for r in range(4)] for c in range(4)] + \
         [[r * 4 + c for r in rows for c in cols] for rows in ((0, 1), (2, 3))
@@ -740,18 +954,21 @@ def test_data_synthetic_sudoku_unique_and_consistent():
 
 
 def test_data_synthetic_missing_for_math_tasks():
+    """Asking for synthetic math data says that only countdown and sudoku have generators."""
     for task in ("gsm8k", "math500"):
         with pytest.raises(reward.DataUnavailable, match="only for countdown and sudoku"):
             reward.load_examples(task, "train", "synthetic")
 
 
 def test_data_hub_without_datasets_library(monkeypatch):
+    """Without the datasets library, hub data fails with DataUnavailable and a way out."""
     monkeypatch.setitem(sys.modules, "datasets", None)  # makes `import datasets` fail
     with pytest.raises(reward.DataUnavailable, match="pass --data synthetic"):
         reward.load_examples("countdown", "test", "hub")
 
 
 def test_data_hub_offline_fails_fast(monkeypatch, tmp_path):
+    """Offline, every hub data set fails within seconds with DataUnavailable."""
     datasets = pytest.importorskip("datasets")
     hub_constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -768,6 +985,7 @@ def test_data_hub_offline_fails_fast(monkeypatch, tmp_path):
 
 
 def test_data_hub_rows_are_converted_and_test_problems_removed(monkeypatch):
+    """Hub rows become example dicts, GSM8K is tested on platinum or openai, test problems leave train."""
     cd_train, sudoku_row = "Jiayi-Pan/Countdown-Tasks-3to4", {"Puzzle": 310200404001043,
                                                              "Solution": 4312213434211243}
     tables = {  # rows as `datasets` yields them; csv columns arrive as ints
@@ -775,6 +993,7 @@ def test_data_hub_rows_are_converted_and_test_problems_removed(monkeypatch):
         cd_train: [{"nums": [93, 30, 100], "target": 7}, {"nums": [1, 2, 3], "target": 6},
                    {"nums": [1, 2, 3, 4], "target": 10}],
         "openai/gsm8k": [{"question": "q", "answer": "work\n#### 1,000"}],
+        "madrylab/gsm8k-platinum": [{"question": "qp", "answer": "fixed\n#### 7", "cleaning_status": "revised"}],
         "HuggingFaceH4/MATH-500": [{"problem": "p1", "answer": "5"}],
         "qwedsacf/competition_math": [
             {"problem": "p1", "level": "Level 1", "solution": "\\boxed{5}"},
@@ -797,8 +1016,14 @@ def test_data_hub_rows_are_converted_and_test_problems_removed(monkeypatch):
     assert load("countdown", "train", "hub") == [
         {"question": "Target: 6\nNumbers: [1, 2, 3]", "nums": [1, 2, 3], "target": 6}]
     assert (cd_train, None, "train[:20000]") in calls
-    assert load("gsm8k", "test", "hub") == [{"question": "q", "answer": "1,000"}]
+    assert load("gsm8k", "test", "hub") == [{"question": "qp", "answer": "7"}]
+    assert ("madrylab/gsm8k-platinum", "main", "test") in calls
+    assert load("gsm8k", "test", "hub", gsm8k_test="openai") == [{"question": "q", "answer": "1,000"}]
     assert ("openai/gsm8k", "main", "test") in calls
+    assert load("gsm8k", "train", "hub", gsm8k_test="platinum") == [{"question": "q", "answer": "1,000"}]
+    assert ("openai/gsm8k", "main", "train") in calls
+    with pytest.raises(ValueError, match="platinum, openai"):
+        load("gsm8k", "test", "hub", gsm8k_test="gold")
     assert load("math500", "test", "hub") == [{"question": "p1", "answer": "5"}]
     assert load("math500", "train", "hub") == [{"question": "p3", "answer": "\\frac{1}{2}"}]
     sudoku = {"question": "Puzzle: 0310200404001043", "puzzle": "0310200404001043",
