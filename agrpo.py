@@ -281,18 +281,19 @@ def load_model_and_tokenizer(args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 2. Masked diffusion sampler (section 1)
+# 2. Masked diffusion sampler: generation as a Markov decision process over denoising steps
 @dataclass
 class Rollout:
     """B completions of length C and, per completion token, what the policy gradient needs."""
-    prompt_ids: torch.Tensor            # (B, P) left-padded prompts
+    prompt_ids: torch.Tensor             # (B, P) left-padded prompts
     prompt_mask: Optional[torch.Tensor]  # (B, P) 1 on real prompt tokens (None: no padding in the batch)
-    tokens: torch.Tensor                # (B, C) completion ids
-    step: torch.Tensor                  # (B, C) step that revealed the token; T for the EOS filler (no action)
-    logp: torch.Tensor                  # (B, C) log pi_old(token | s_step), truncated and tempered
-    entropy: torch.Tensor               # (B, C) entropy of that distribution
-    support: Optional[torch.Tensor]     # (B, C, K) candidate ids, most probable first (None: no truncation)
-    support_size: torch.Tensor          # (B, C) the support S_i is support[..., :support_size]
+    tokens: torch.Tensor                 # (B, C) completion ids
+    step: torch.Tensor                   # (B, C) denoising step t that revealed the token; T: EOS filler
+    positions: torch.Tensor              # (B, T, k) the k positions revealed at each step
+    logp: torch.Tensor                   # (B, C) log pi_old(token | s_t), truncated and tempered
+    entropy: torch.Tensor                # (B, C) entropy of that distribution
+    support: Optional[torch.Tensor]      # (B, C, K) candidate ids, most probable first (None: no truncation)
+    support_size: torch.Tensor           # (B, C) the support S_i is support[..., :support_size]
 
     def __getitem__(self, rows):
         return Rollout(*(None if v is None else v[rows] for v in dataclasses.astuple(self)))
@@ -332,7 +333,7 @@ def logits_at(model, input_ids, attention_mask, positions):
 
 
 def truncated_logits(logits, args):
-    """softmax(logits / temperature) restricted to S_i: top-k, then top-p (section 1, step 2).
+    """softmax(logits / temperature) restricted to S_i: top-k, then top-p on the renormalised top-k.
     Returns the candidates' tempered logits (-inf outside S_i), their ids, and |S_i|. With top-p alone the
     candidates are cut to the widest nucleus of the batch, never the whole vocabulary."""
     z = logits.float() / args.temperature
@@ -352,35 +353,44 @@ def truncated_logits(logits, args):
     return z, ids, size
 
 
+class Draw(typing.NamedTuple):
+    """One denoising step's draw at every position of the current block (R rows, BL positions)."""
+    tokens: torch.Tensor        # (R, BL) sampled ids
+    logp: torch.Tensor          # (R, BL) their log-probs under the truncated, tempered distribution
+    entropy: torch.Tensor       # (R, BL) that distribution's entropy
+    support: torch.Tensor       # (R, BL, K) its candidate ids, most probable first
+    support_size: torch.Tensor  # (R, BL) how many of them it keeps
+    confidence: torch.Tensor    # (R, BL) what low_confidence unmasking ranks: logp (greedy: the model's)
+
+
 def sample_tokens(logits, args, generator):
-    """Sample every position from its truncated tempered distribution with float64 Gumbel-max.
-    Returns tokens, their log-probs, the entropies, the supports (ids, size) and a confidence score."""
+    """Sample every position from its truncated, tempered distribution with float64 Gumbel-max."""
     if args.temperature == 0:  # greedy (evaluation): a point mass, ranked by the model's own log-prob
         confidence, tokens = logits.float().log_softmax(-1).max(-1)
         zeros = torch.zeros_like(confidence)
-        return tokens, zeros, zeros, tokens[..., None], torch.ones_like(tokens), confidence
+        return Draw(tokens, zeros, zeros, tokens[..., None], torch.ones_like(tokens), confidence)
     z, ids, size = truncated_logits(logits, args)
     logq = z.log_softmax(-1)
     u = torch.rand(z.shape, dtype=torch.float64, device=z.device, generator=generator)
-    pick = (z.double() - (-u.log()).log()).argmax(-1, keepdim=True)
+    pick = (z.double() - (-u.log()).log()).argmax(-1, keepdim=True)  # -log(-log u) is Gumbel noise: + it
     logp = logq.gather(-1, pick).squeeze(-1)
-    entropy = torch.special.entr(logq.exp()).sum(-1)
-    return ids.gather(-1, pick).squeeze(-1), logp, entropy, ids, size, logp
+    return Draw(ids.gather(-1, pick).squeeze(-1), logp, torch.special.entr(logq.exp()).sum(-1), ids, size, logp)
 
 
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
-    """Semi-autoregressive masked diffusion (section 1): C/BL blocks left to right, T steps in all, each step
-    one forward pass and k = C/T revealed tokens of the current block, with everything recorded for section 2."""
+    """Semi-autoregressive masked diffusion: C/BL blocks left to right, T denoising steps in all, each one
+    forward pass that reveals k = C/T tokens of the current block; records what the policy gradient needs."""
     B, P = prompt_ids.shape
     C, BL, T = args.completion_length, args.block_length, args.sampling_steps
     check_geometry(C, BL, T)
-    blocks, k = C // BL, C // T  # k tokens revealed a step
+    blocks, k = C // BL, C // T
     steps_per_block = T // blocks
     dev = prompt_ids.device
     x = torch.cat([prompt_ids, torch.full((B, C), args.mask_token_id, device=dev)], 1)
     prompt_mask = None if prompt_mask.all() else prompt_mask  # unpadded: no mask, so fused attention kernels
     step = torch.full((B, C), T, device=dev)
+    positions = torch.zeros(B, T, k, dtype=torch.long, device=dev)
     logp, entropy = torch.zeros(B, C, device=dev), torch.zeros(B, C, device=dev)
     V = unwrap(model).get_input_embeddings().num_embeddings
     truncated = args.temperature > 0 and (args.top_p < 1 or 0 < args.top_k < V)
@@ -392,33 +402,35 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
         lo, hi = b * BL, (b + 1) * BL
         block = torch.arange(P + lo, P + hi, device=dev).expand(len(rows), -1)
         for _ in range(steps_per_block):
-            logits = logits_at(model, x[rows], with_completion(prompt_mask, C, rows), block)  # step 1
-            tokens, lp, ent, ids, size, confidence = sample_tokens(logits, args, generator)  # step 2
-            masked = step[rows, lo:hi] == T  # not yet revealed (a sampled mask id counts as revealed)
-            score = confidence if args.unmasking == "low_confidence" else \
-                torch.rand(confidence.shape, device=dev, generator=generator)
-            j = score.masked_fill(~masked, -math.inf).topk(k, dim=-1).indices               # (R, k)
-            r = rows[:, None]                                                               # step 4
-            x[r, P + lo + j] = tokens.gather(1, j)
-            step[r, lo + j] = t
-            logp[r, lo + j], entropy[r, lo + j] = lp.gather(1, j), ent.gather(1, j)
-            support_size[r, lo + j] = size.gather(1, j)
+            # 1. one forward pass on s_t; 2. a draw at every position of the block
+            draw = sample_tokens(logits_at(model, x[rows], with_completion(prompt_mask, C, rows), block), args,
+                                 generator)
+            # 3. k positions still masked (a sampled mask id counts as revealed): the most confident, or random
+            priority = draw.confidence if args.unmasking == "low_confidence" else \
+                torch.rand(draw.confidence.shape, device=dev, generator=generator)
+            j = priority.masked_fill(step[rows, lo:hi] < T, -math.inf).topk(k, dim=-1).indices  # (R, k)
+            # 4. reveal them, and record what the policy gradient needs
+            r = rows[:, None]
+            x[r, P + lo + j] = draw.tokens.gather(1, j)
+            step[r, lo + j], positions[rows, t] = t, lo + j
+            logp[r, lo + j], entropy[r, lo + j] = draw.logp.gather(1, j), draw.entropy.gather(1, j)
+            support_size[r, lo + j] = draw.support_size.gather(1, j)
             if support is not None:
-                K = ids.shape[-1]
+                K = draw.support.shape[-1]
                 support = nn.functional.pad(support, (0, max(K - support.shape[-1], 0)))
-                support[r, lo + j, :K] = ids.gather(1, j[..., None].expand(-1, -1, K))
+                support[r, lo + j, :K] = draw.support.gather(1, j[..., None].expand(-1, -1, K))
             t += 1
-        # step 5: a block that came out all EOS ends its row; the rest becomes EOS filler, never an action
+        # 5. a block that came out all EOS ends its row; the rest becomes EOS filler, never an action
         done = (x[rows, P + lo:P + hi] == args.eos_token_id).all(-1)
         x[rows[done], P + hi:] = args.eos_token_id
         rows = rows[~done]
         if len(rows) == 0:
             break
-    return Rollout(prompt_ids, prompt_mask, x[:, P:], step, logp, entropy, support, support_size)
+    return Rollout(prompt_ids, prompt_mask, x[:, P:], step, positions, logp, entropy, support, support_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Rewards and group advantages (section 3)
+# 3. Rewards (reward.py) and group-relative advantages
 def grade(tokenizer, completions, examples, args):
     """Decode completions (N, C) and grade each with reward.py: a dict with the parts of the shaped reward
     ("format", "correct"), the evaluation score ("score", is_correct), the answer the grader read and the text."""
@@ -428,7 +440,8 @@ def grade(tokenizer, completions, examples, args):
 
 
 def group_advantages(rewards, group_size, scale="none"):
-    """A_i = R_i - mean of its group of G; 'std' also divides by the group's standard deviation."""
+    """A_i = R_i - mean of its group of G (the authors'); 'std' also divides by the group's standard deviation
+    (GRPO's). With the group mean as baseline, E[A_i grad log p_i] = (1 - 1/G) grad J."""
     r = rewards.view(-1, group_size)
     a = r - r.mean(1, keepdim=True)
     if scale == "std":
@@ -437,7 +450,7 @@ def group_advantages(rewards, group_size, scale="none"):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. The amortized policy gradient (section 2)
+# 4. The amortized Monte Carlo policy gradient, with importance sampling over timesteps
 def trajectory_length(rollout, args):
     """L = (last step that revealed a non-EOS token) + 1; 0 for a completion of nothing but EOS."""
     real = rollout.step.masked_fill(rollout.tokens == args.eos_token_id, -1)
@@ -455,12 +468,14 @@ def sample_timesteps(rollout, L, args, generator=None):
     live = torch.arange(T, device=dev) < L[:, None]  # steps 0..L-1
     if args.importance_sampling == "entropy":
         mass = torch.zeros(B, T, dtype=torch.float64, device=dev)
+        # the EOS filler (step T) lands on step T - 1 with entropy 0: it adds no mass
         mass.scatter_add_(1, rollout.step.clamp(max=T - 1), rollout.entropy.double())
-        mass = (mass + 1e-8) * live
+        mass = (mass + 1e-8) * live  # + 1e-8: q(t) > 0 on every live step, as unbiasedness needs
     else:
         mass = live.double()
     q = mass / mass.sum(1, keepdim=True).clamp_min(1e-30)
-    t = torch.searchsorted(q.cumsum(1), u.view(B, M)).clamp(max=(L - 1).clamp_min(0)[:, None])
+    t = torch.searchsorted(q.cumsum(1), u.view(B, M))  # the inverse CDF of q
+    t = t.clamp(max=(L - 1).clamp_min(0)[:, None])  # a u that rounding puts past the last cumulative sum
     weight = torch.where(L[:, None] > 0, 1 / (L[:, None] * q.gather(1, t)).clamp_min(1e-30), 0.0)
     return t, weight.float()
 
@@ -469,9 +484,7 @@ def step_logprobs(model, rollout, t, args):
     """log pi(x_i | s_t) of the k tokens each completion revealed at its step t (B,), under the recorded
     support and temperature. s_t is rebuilt by re-masking every token revealed at step >= t (the EOS
     filler included, it is marked with step T). Returns log-probs and positions, both (B, k)."""
-    k = args.completion_length // args.sampling_steps
-    now = rollout.step == t[:, None]
-    pos = now.float().topk(k, dim=-1).indices                                   # the k positions revealed at t
+    pos = rollout.positions[torch.arange(len(t), device=t.device), t]
     state = rollout.tokens.masked_fill(rollout.step >= t[:, None], args.mask_token_id)
     ids = torch.cat([rollout.prompt_ids, state], 1)
     attention = with_completion(rollout.prompt_mask, state.shape[1])
@@ -487,11 +500,10 @@ def step_logprobs(model, rollout, t, args):
     return z.gather(-1, token[..., None]).squeeze(-1) - norm, pos
 
 
-def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0, sync=True, after_backward=None):
+def agrpo_loss(model, rollout, advantages, args, generator=None, prompts=1, sync=True, after_backward=None):
     """AGRPO's policy gradient for one micro-batch: sample M timesteps per completion, and for each rebuild
     s_t, recompute the log-probs of the tokens revealed at t, form the PPO-clipped term (plus beta times the
     k3 KL to the reference) and back-propagate at once, so memory stays flat in M.
-    The loss of one sampled step is sum over its tokens of term * weight / (M * G), times `scale`.
     Under DDP the gradients are all-reduced in the last backward pass only, and only if `sync`; with
     `after_backward` (called after every backward: the released trainer's optimizer updates) in each one.
     Returns metrics."""
@@ -512,9 +524,13 @@ def agrpo_loss(model, rollout, advantages, args, generator=None, scale=1.0, sync
                 with torch.no_grad(), adapters_off(raw):
                     ref = step_logprobs(raw, rollout, t[:, m], args)[0]
                 kl = (ref - logp).exp() - (ref - logp) - 1
+                # times r: tokens drawn from pi_old, so E_old[r grad k3] is the gradient of KL(pi || ref)
                 term = term + args.beta * kl * ratio
                 sums["kl"] += kl.detach().mean() / M
-            loss = (term * weight[:, m, None]).sum() * scale / (M * G)
+            # The loss: each completion's M weighted samples estimate its step average (1/L) sum_t of the
+            # terms of the tokens revealed at t; / G averages the group; / prompts averages this process's
+            # prompt groups (and DDP averages the processes): the step's gradient is a mean over its prompts.
+            loss = (term * weight[:, m, None]).sum() / (M * G * prompts)
             loss.backward()
         if after_backward is not None:
             after_backward()
@@ -633,10 +649,8 @@ def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
                 check_stop(args)
             last = i == len(rollouts) - 1
             released = last and args.update_schedule == "released"  # an update after every sampled step
-            # scale 1 / (prompts on this process): with the 1 / (M G) inside, the gradient is the mean over
-            # the step's prompts of each group's sum of step-averaged terms / G, whatever the micro-batch size
             losses.append(agrpo_loss(model, rollout, advantages[i * mb:(i + 1) * mb], args,
-                                     keyed_generator(args, step, 1 + iteration, first + i), scale=1 / len(batch),
+                                     keyed_generator(args, step, 1 + iteration, first + i), prompts=len(batch),
                                      sync=last, after_backward=update if released else None))
         if args.update_schedule == "paper":
             update()  # one update per batch, as the paper describes

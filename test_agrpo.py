@@ -69,8 +69,14 @@ def flat_grad(model):
 
 
 def z_scores(draws, expected, seed=0, directions=12):
-    """z of the draws' mean against `expected`, on the expected direction and on random directions;
-    the standard error is estimated from the draws."""
+    """z of the draws' mean against `expected`, on the expected direction and on 12 random directions; the
+    standard error is estimated from the draws.
+
+    The tests accept |z| < 4. For an unbiased estimator each z is a t statistic with n - 1 >= 299 degrees of
+    freedom, P(|z| > 4) < 1e-4, so a test's 13 z's raise a false alarm with probability < 0.13% and the six
+    unbiasedness tests of the suite < 0.8% (union bound). The seeds are fixed, so the suite is deterministic:
+    the threshold was not tuned to them, and the planted biases below reach |z| of 10 and more, so a fixed
+    seed costs no power."""
     gen = torch.Generator().manual_seed(seed)
     v = torch.cat([expected[None] / expected.norm(), torch.randn(directions, expected.numel(), generator=gen)])
     proj, target = draws.double() @ v.double().T, v.double() @ expected.double()
@@ -131,6 +137,8 @@ def long_rollout():
 
 @pytest.mark.parametrize("sampling,low_discrepancy", [("uniform", False), ("entropy", False), ("entropy", True)])
 def test_estimator_unbiased_per_trajectory(long_rollout, sampling, low_discrepancy):
+    """For a fixed rollout, the mean of 300 agrpo_loss gradients is the step average (1/L) sum_t g_t computed
+    step by step with full logits: uniform and entropy timestep sampling, with and without low discrepancy."""
     model, rollout, base, exact, _ = long_rollout
     args = dataclasses.replace(base, importance_sampling=sampling, low_discrepancy=low_discrepancy)
     z = z_scores(estimator_draws(model, rollout, args, 300, seed=7), exact)
@@ -255,6 +263,9 @@ PG_CASES = {"group-baseline": ("group", {}),
 
 @pytest.mark.parametrize("case", PG_CASES)
 def test_policy_gradient_unbiased(case):
+    """Over rollouts from generate, the mean AGRPO gradient equals the estimator's exact expectation from
+    enumerating every trajectory: with the group-mean baseline, with top-k and temperature, and without EOS
+    (where it is the true policy gradient over T)."""
     baseline, kw = PG_CASES[case]
     model, args = tiny_model(seed=1, eos_bias=0.5), toy_args(**kw)
     expected = expected_gradient(model, args, baseline)
@@ -294,6 +305,11 @@ def toy_prompts(tokenizer, texts=("12+7=", "a longer prompt: 3*4")):
 
 @pytest.mark.parametrize("unmasking", ["random", "low_confidence"])
 def test_recomputed_logprobs_equal_recorded(toy, unmasking):
+    """The trainer's log-probs of the tokens revealed at each step (state rebuilt by re-masking, recorded
+    support, temperature) equal the sampler's, with temperature, top-k and top-p active, so the ratio starts
+    at 1. Tolerance 1e-5: the same float32 state through two forward passes that differ in batch rows and in
+    the positions fed to the output layer agree to ~1e-6; a wrong state, support or temperature moves log-probs
+    by more than 1e-2."""
     model, tokenizer = toy
     args = toy_run_args(tokenizer, unmasking=unmasking)
     rollout = agrpo.generate(model, *toy_prompts(tokenizer), args, torch.Generator().manual_seed(0))
@@ -323,6 +339,9 @@ def test_lean_logits_equal_full_logits(toy):
 # ------------------------------------------------------------------------------------------------------------
 # 3. Sampler invariants and the truncated distribution
 def test_sampler_invariants(toy):
+    """generate is reproducible from its generator, reveals k tokens a step inside the step's block, ends a row
+    after an all-EOS block with EOS filler from the next block boundary on (marked step T), and the filler is
+    never a sampled timestep."""
     model, tokenizer = toy
     args = toy_run_args(tokenizer, completion_length=24, block_length=8, sampling_steps=12)
     with torch.no_grad():
@@ -354,40 +373,145 @@ def test_sampler_invariants(toy):
 
 
 def test_greedy_is_deterministic(toy):
+    """At temperature 0 (evaluation) decoding does not depend on the random generator."""
     model, tokenizer = toy
     args = toy_run_args(tokenizer, temperature=0.0, unmasking="low_confidence")
     a, b = (agrpo.generate(model, *toy_prompts(tokenizer), args, torch.Generator().manual_seed(s)) for s in (0, 1))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.step, b.step)
 
 
-def test_gumbel_max_draws_from_the_truncated_distribution():
-    """Chi-square of 40,000 draws against softmax(logits / temperature) on the top-k/top-p support."""
-    logits = torch.tensor([2.0, 1.5, 1.0, 0.2, -0.5, -3.0])
-    args = Args(temperature=0.8, top_k=5, top_p=0.9)
-    z = logits / 0.8
-    p = z.softmax(-1)
-    keep = torch.zeros(6, dtype=torch.bool)
-    for i in z.argsort(descending=True)[:5]:  # most probable first, while the kept mass stays <= top_p
-        keep[i] = not keep.any() or p[keep].sum() + p[i] <= 0.9 * p[z.argsort(descending=True)[:5]].sum() / p[
-            z.argsort(descending=True)[:5]].sum()
-        if not keep[i]:
-            break
-    expected = z.masked_fill(~keep, -math.inf).softmax(-1)
-    tokens, logp, *_ = agrpo.sample_tokens(logits.expand(40000, -1), args, torch.Generator().manual_seed(0))
-    counts = torch.bincount(tokens, minlength=6).double()
+def claimed_distribution(logits, temperature, top_k, top_p):
+    """The sampler's rule written plainly: softmax(logits / temperature) over the top-k tokens, renormalised;
+    then its most probable tokens while their cumulative mass stays <= top_p (at least one), renormalised."""
+    p = (logits / temperature).softmax(-1)
+    order = p.argsort(descending=True)[:top_k]
+    kept = p[order] / p[order].sum()
+    n = max(1, int((kept.cumsum(0) <= top_p).sum()))
+    q = torch.zeros_like(p)
+    q[order[:n]] = kept[:n] / kept[:n].sum()
+    return q
+
+
+def test_gumbel_max_draws_from_the_claimed_truncated_distribution():
+    """40,000 draws of sample_tokens follow the claimed rule (chi-square), and the recorded log-prob and
+    entropy are those of the truncated, tempered distribution. The case separates the rule from wrong ones:
+    top-p over the whole vocabulary's mass, or top-k after top-p, would keep 4 tokens where the rule keeps 3;
+    and with 3 candidates a flipped Gumbel sign changes the distribution."""
+    p = torch.tensor([0.30, 0.25, 0.20, 0.12, 0.08, 0.05])
+    logits, args = 0.8 * p.log(), Args(temperature=0.8, top_k=5, top_p=0.9)  # tempered: back to log p
+    expected = claimed_distribution(logits, 0.8, 5, 0.9)
+    assert (expected > 0).sum() == 3 and (p.cumsum(0) <= 0.9).sum() == 4  # the rule and the wrong rules differ
+    draw = agrpo.sample_tokens(logits.expand(40000, -1), args, torch.Generator().manual_seed(0))
+    counts = torch.bincount(draw.tokens, minlength=6).double()
+    keep = expected > 0
     assert counts[~keep].sum() == 0
     chi2 = ((counts - 40000 * expected)[keep] ** 2 / (40000 * expected[keep])).sum()
-    assert chi2 < 25, (chi2, counts, expected)  # df <= 4: P(chi2 > 25) < 1e-4
-    assert torch.allclose(logp, expected.log()[tokens], atol=1e-5)
+    assert chi2 < 20, (chi2, counts, expected)  # 2 degrees of freedom: P(chi2 > 20) = exp(-10) < 1e-4
+    assert torch.allclose(draw.logp, expected.log()[draw.tokens], atol=1e-6)
+    q = expected[keep]
+    assert torch.allclose(draw.entropy, -(q * q.log()).sum().expand(40000), atol=1e-6)
+
+
+def test_low_confidence_reveals_the_most_confident_positions(toy):
+    """low_confidence unmasking (greedy, as in evaluation) reveals at each step the k still-masked positions
+    whose best token the model is surest of, computed here from the rebuilt state with full logits."""
+    model, tokenizer = toy
+    args = toy_run_args(tokenizer, temperature=0.0, unmasking="low_confidence", completion_length=8,
+                        block_length=8, sampling_steps=4)  # k = 2 of 8 positions a step
+    ids, mask = toy_prompts(tokenizer, ["12+7="])
+    rollout = agrpo.generate(model, ids, mask, args)
+    for t in range(3):  # the last step takes the 2 positions left
+        state = rollout.tokens[0].masked_fill(rollout.step[0] >= t, args.mask_token_id)
+        with torch.no_grad():
+            logits = model(input_ids=torch.cat([ids[0], state])[None]).logits[0, ids.shape[1]:]
+        confidence = logits.log_softmax(-1).max(-1).values
+        revealed, masked = rollout.step[0] == t, rollout.step[0] >= t
+        assert revealed.sum() == 2 and confidence[revealed].min() >= confidence[masked & ~revealed].max() - 1e-5
+
+
+def test_ppo_clip_acts_on_both_sides():
+    """-min(r A, clip(r, 1 - eps, 1 + eps) A): the gradient vanishes where the clip binds (A > 0 and r > 1 + eps,
+    A < 0 and r < 1 - eps) and is -A r grad log pi on the other side of each."""
+    model, args = tiny_model(seed=5), toy_args(eos_token_id=99, group_size=1, mc_samples=1, epsilon=0.2)
+    rollout = agrpo.generate(model, *prompt(1), args, torch.Generator().manual_seed(0))
+    t0 = lambda rollout, L, args, generator=None: (torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1))
+    agrpo.step_logprobs(model, rollout, torch.zeros(1, dtype=torch.long), args)[0].sum().backward()
+    grad_logp = flat_grad(model)
+    position = rollout.positions[0, 0, 0]
+    for advantage, ratio, clipped in [(1.0, 1.5, True), (1.0, 0.5, False), (-1.0, 1.5, False), (-1.0, 0.5, True)]:
+        shifted = dataclasses.replace(rollout, logp=rollout.logp.clone())
+        shifted.logp[0, position] -= math.log(ratio)  # pi_old as if the policy had moved by this ratio
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(agrpo, "sample_timesteps", t0)
+            agrpo.agrpo_loss(model, shifted, torch.tensor([advantage]), args)
+        expected = torch.zeros_like(grad_logp) if clipped else -advantage * ratio * grad_logp
+        assert torch.allclose(flat_grad(model), expected, atol=1e-6), (advantage, ratio)
+
+
+def test_kl_term_gradient_is_the_gradient_of_the_kl_to_the_reference():
+    """With beta > 0 and zero advantages, the expected gradient over the token drawn from pi_old = pi at a
+    revealed position is beta grad KL(pi || ref), the reference being the model with its adapters off: the k3
+    estimate times the ratio r (without r it would be biased). The expectation is an exact sum over tokens."""
+    model = tiny_model(seed=6)
+    args = toy_args(completion_length=1, block_length=1, sampling_steps=1, eos_token_id=99, group_size=1,
+                    mc_samples=1, beta=0.5, lora_rank=2, lora_targets="query,value")
+    agrpo.add_lora(model, args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(1))
+    rollout = agrpo.generate(model, *prompt(1), args, torch.Generator().manual_seed(0))
+    t = torch.zeros(1, dtype=torch.long)
+    logits = model(input_ids=torch.tensor([[1, 2, MASK]])).logits[0, 2]
+    with agrpo.adapters_off(model), torch.no_grad():
+        ref = model(input_ids=torch.tensor([[1, 2, MASK]])).logits[0, 2].log_softmax(-1)
+    logpi = logits.log_softmax(-1)
+    (0.5 * (logpi.exp() * (logpi - ref)).sum()).backward()
+    expected = flat_grad(model)
+    mean = 0
+    for v in range(4):
+        rollout.tokens[0, 0] = v
+        rollout.logp[0, 0] = agrpo.step_logprobs(model, rollout, t, args)[0].detach()
+        agrpo.agrpo_loss(model, rollout, torch.zeros(1), args, torch.Generator().manual_seed(0))
+        mean = mean + logpi[v].exp().detach() * flat_grad(model)
+    assert expected.norm() > 1e-3 and torch.allclose(mean, expected, atol=1e-6)
 
 
 def test_all_eos_completion_contributes_nothing():
+    """A completion of nothing but EOS has L = 0 and adds exactly nothing to the gradient (no crash)."""
     model, args = tiny_model(seed=0), toy_args(completion_length=3, block_length=3, sampling_steps=3)
     rollout = agrpo.generate(model, *prompt(2), args, torch.Generator().manual_seed(0))
     rollout.tokens[0] = EOS  # row 0: nothing but EOS, L = 0
     assert agrpo.trajectory_length(rollout, args)[0] == 0
     agrpo.agrpo_loss(model, rollout[0:1], torch.tensor([1.0]), args, torch.Generator().manual_seed(0))
     assert flat_grad(model).abs().max() == 0
+
+
+def test_group_advantages_are_centred_and_only_scaled_on_request():
+    """A_i = R_i - mean of its group, exactly, by default (the authors'); --scale-rewards std divides by the
+    group's standard deviation (GRPO's)."""
+    rewards = torch.tensor([1.0, 2.0, 3.0, 6.0, 4.0, 4.0, 4.0, 4.0])
+    assert agrpo.group_advantages(rewards, 4).tolist() == [-2.0, -1.0, 0.0, 3.0, 0.0, 0.0, 0.0, 0.0]
+    assert Args().scale_rewards == "none"
+    scaled = agrpo.group_advantages(rewards, 4, "std")
+    assert torch.allclose(scaled[:4], torch.tensor([-2.0, -1.0, 0.0, 3.0]) / (2.160247 + 1e-4)) and not scaled[4:].any()
+
+
+def test_defaults_are_the_authors_settings():
+    """Every default of Args is the authors' setting for LLaDA-8B-Instruct (training and evaluation)."""
+    a = Args()
+    assert (a.model, a.dtype, a.mask_token_id, a.seed) == ("GSAI-ML/LLaDA-8B-Instruct", "bfloat16", 126336, 333)
+    assert (a.lora_rank, a.lora_alpha, a.lora_dropout) == (64, 64.0, 0.0)
+    assert a.lora_targets.split(",") == ["q_proj", "k_proj", "v_proj", "attn_out", "ff_proj", "up_proj", "ff_out"]
+    assert (a.learning_rate, a.adam_beta1, a.adam_beta2, a.weight_decay, a.max_grad_norm, a.warmup_ratio) == \
+        (5e-6, 0.9, 0.99, 0.01, 1.0, 0.01)
+    assert (a.prompts_per_step, a.group_size, a.num_iterations, a.update_schedule) == (16, 8, 1, "paper")
+    assert (a.completion_length, a.block_length, a.sampling_steps, a.unmasking) == (384, 12, 128, "random")
+    assert (a.temperature, a.top_p, a.top_k) == (0.6, 0.99, 150)
+    assert (a.mc_samples, a.low_discrepancy, a.importance_sampling, a.epsilon, a.beta) == \
+        (24, True, "entropy", 0.2, 0.0)
+    assert (a.eval_completion_length, a.eval_block_length, a.eval_sampling_steps, a.eval_unmasking,
+            a.eval_temperature) == (256, 32, "128", "low_confidence", 0.0)
 
 
 def test_top_p_alone_keeps_only_the_widest_nucleus(toy):
@@ -472,7 +596,7 @@ def released_trainer_by_hand(model, optimizer, rollouts, advantages, args, step,
     G, n = args.group_size, len(rollouts)
     for i, rollout in enumerate(rollouts[:-1]):
         agrpo.agrpo_loss(model, rollout, advantages[i * G:(i + 1) * G], args,
-                         agrpo.keyed_generator(args, step, 1, i), scale=1 / prompts)
+                         agrpo.keyed_generator(args, step, 1, i), prompts=prompts)
     rollout, adv = rollouts[-1], advantages[(n - 1) * G:][:, None]
     t, weight = agrpo.sample_timesteps(rollout, agrpo.trajectory_length(rollout, args), args,
                                        agrpo.keyed_generator(args, step, 1, n - 1))
@@ -1043,7 +1167,7 @@ def test_toy_model_learns_a_toy_reward():
     for _ in range(40):
         rollout = agrpo.generate(model, *prompt(4 * args.group_size), args, gen)
         rewards = (rollout.tokens == 1).float().mean(1)
-        agrpo.agrpo_loss(model, rollout, agrpo.group_advantages(rewards, args.group_size), args, gen, scale=1 / 4)
+        agrpo.agrpo_loss(model, rollout, agrpo.group_advantages(rewards, args.group_size), args, gen, prompts=4)
         optimizer.step()
         optimizer.zero_grad()
         history.append(rewards.mean().item())
@@ -1486,6 +1610,7 @@ def benchmark(shape, device, dtype, prompt_length=200, **settings):
 
 
 def test_benchmark_harness_runs_on_a_tiny_shape():
+    """The GPU benchmark's code runs end to end on a CPU at a tiny shape, so its GPU run cannot fail on a typo."""
     result = benchmark(dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
                             vocab_size=300), "cpu", torch.float32, prompt_length=8, completion_length=24,
                        block_length=12, sampling_steps=8, mc_samples=2, lora_rank=4)
