@@ -590,14 +590,14 @@ def prompts_at(examples, seed, position, count):
 
 
 class Stop(Exception):
-    """Ctrl-C or SIGTERM came: raised where stopping loses at most the step in progress (see stop_on_signals)."""
+    """Ctrl-C or SIGTERM came (stop_on_signals): raised where stopping loses at most the step in progress."""
 
 
-STOP_SIGNALS = []  # the signals received, filled by stop_on_signals' handler
+STOP_SIGNALS = []
 
 
 def check_stop(args):
-    """Raise Stop if a signal came, to any process: every process passes the same checks, and stops at one."""
+    """Raise Stop if a signal came, to this process or (under DDP) to any: all pass the same checks."""
     stop = bool(STOP_SIGNALS)
     if world()[1] > 1:
         flag = torch.tensor(float(stop), device=args.device)
@@ -609,7 +609,7 @@ def check_stop(args):
 
 def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
     """One AGRPO step on this process's share of whole prompt groups: generate G completions per prompt, grade
-    them, then num_iterations gradient steps. A Stop is raised only before the first optimizer update, so an
+    them, then num_iterations gradient steps. A Stop comes only before the first optimizer update, so an
     abandoned step leaves the model and the optimizer as they were. Returns the step's metrics."""
     rank, world_size = world()
     batch = batch[rank * len(batch) // world_size:(rank + 1) * len(batch) // world_size]
@@ -659,16 +659,15 @@ def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
     seconds["train"] = time.perf_counter() - clock
 
     spread = rewards.view(-1, G).std(1)
-    metrics = {"reward": rewards.mean(), "reward_format": sum(g["format"] for g in graded) / len(graded),
-               "reward_correct": sum(g["correct"] for g in graded) / len(graded),
-               "accuracy": sum(g["score"] for g in graded) / len(graded), "reward_std": spread.mean(),
-               "zero_spread_groups": (spread == 0).double().mean(), "advantage_abs": advantages.abs().mean(),
-               "advantage_min": advantages.min(), "advantage_max": advantages.max(),
-               "completion_length": torch.cat([(r.tokens != args.eos_token_id).sum(1) for r in rollouts]).double()
-               .mean(), "loss": sum(m["loss"] for m in losses), "grad_norm": torch.stack(grad_norms).mean(),
-               "lr": schedule.get_last_lr()[0]}
+    mean = lambda key: sum(g[key] for g in graded) / len(graded)
+    metrics = {"reward": rewards.mean(), "reward_format": mean("format"), "reward_correct": mean("correct"),
+               "accuracy": mean("score"), "reward_std": spread.mean(), "zero_spread_groups": (spread == 0).double()
+               .mean(), "advantage_abs": advantages.abs().mean(), "advantage_min": advantages.min(),
+               "advantage_max": advantages.max(), "completion_length": torch.cat(
+                   [(r.tokens != args.eos_token_id).sum(1) for r in rollouts]).double().mean(),
+               "loss": sum(m["loss"] for m in losses), "grad_norm": torch.stack(grad_norms).mean(),
+               "lr": schedule.get_last_lr()[0], **{f"seconds_{k}": v for k, v in seconds.items()}}
     metrics.update({k: sum(m[k] for m in losses) / len(losses) for k in ("clip_low", "clip_high", "kl")})
-    metrics.update({f"seconds_{k}": v for k, v in seconds.items()})
     metrics = mean_over_ranks(metrics, args)
     metrics["ratio_max_dev"] = max_over_ranks(max(m["ratio_max_dev"] for m in losses), args)
     metrics["tokens_per_second"] = (args.prompts_per_step * G * args.completion_length /  # all processes'
@@ -698,17 +697,17 @@ def train(model, tokenizer, train_examples, test_examples, args):
     """The loop: AGRPO steps, evaluations, metrics and checkpoints, from the start or from --resume."""
     from transformers import get_cosine_schedule_with_warmup
     rank, world_size = world()
-    steps = args.max_steps or math.ceil(args.num_train_epochs * len(train_examples) / args.prompts_per_step)
+    total_steps = args.max_steps or math.ceil(args.num_train_epochs * len(train_examples) / args.prompts_per_step)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
-    updates = steps * args.num_iterations  # scheduler steps: one per gradient step on a batch
+    updates = total_steps * args.num_iterations  # scheduler steps: one per gradient step on a batch
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * updates), updates)
     step, prompts_seen, elapsed = 0, 0, 0.0
     if is_checkpoint(args.resume):
-        require(os.path.samefile(args.resume, checkpoints(args.output_dir)[-1]),
-                f"{args.resume} is not the newest checkpoint of {args.output_dir}, and going on from it would "
-                "overwrite the newer ones; resume the newest, or use this one with --eval-only or --export")
+        require(os.path.samefile(args.resume, checkpoints(args.output_dir)[-1]), f"{args.resume} is not the "
+                f"newest checkpoint of {args.output_dir}, and going on from it would overwrite the newer ones; "
+                "resume the newest, or use this one with --eval-only or --export")
         step, prompts_seen, elapsed = load_checkpoint(args.resume, model, args, optimizer, schedule)
     done = saved = step
     if world_size > 1:
@@ -716,11 +715,11 @@ def train(model, tokenizer, train_examples, test_examples, args):
     log_path = os.path.join(args.output_dir, "metrics.jsonl")
     if rank == 0:
         forget_after(log_path, step)
-        print(f"AGRPO on {args.task}: steps {step + 1}..{steps} of {args.prompts_per_step} prompts x "
-              f"{args.group_size} completions on {world_size} process(es), "
-              f"{sum(p.numel() for p in trainable):,} trainable parameters; run directory {args.output_dir}")
+    say(f"AGRPO on {args.task}: steps {step + 1}..{total_steps} of {args.prompts_per_step} prompts x "
+        f"{args.group_size} completions on {world_size} process(es), {sum(p.numel() for p in trainable):,} "
+        f"trainable parameters; run directory {args.output_dir}")
     started = time.time() - elapsed
-    bar = tqdm(range(step + 1, steps + 1), desc="AGRPO", dynamic_ncols=True, disable=rank > 0)
+    bar = tqdm(range(step + 1, total_steps + 1), desc="AGRPO", dynamic_ncols=True, disable=rank > 0)
     try:
         if args.eval_every and step == 0:  # the starting point of the curve
             log_metrics(log_path, 0, evaluate_all(model, tokenizer, test_examples, args, 0))
@@ -728,22 +727,20 @@ def train(model, tokenizer, train_examples, test_examples, args):
             torch.manual_seed(keyed_seed(args, step, rank))  # LoRA dropout, seeded per (step, process)
             batch = prompts_at(train_examples, args.seed, prompts_seen, args.prompts_per_step)
             metrics = rl_step(model, tokenizer, optimizer, schedule, batch, args, step)  # Stop: step abandoned
-            prompts_seen += args.prompts_per_step
-            done = step
+            done, prompts_seen = step, prompts_seen + args.prompts_per_step
             log_metrics(log_path, step, {**metrics, "prompts_seen": prompts_seen,
                                          "elapsed_seconds": time.time() - started})
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
-                            len=f"{metrics['completion_length']:.0f}", gen=f"{metrics['seconds_generate']:.1f}s",
-                            train=f"{metrics['seconds_train']:.1f}s")
-            if args.eval_every and (step % args.eval_every == 0 or step == steps):  # Stop: evaluation dropped
+                            gen=f"{metrics['seconds_generate']:.1f}s", train=f"{metrics['seconds_train']:.1f}s")
+            if args.eval_every and (step % args.eval_every == 0 or step == total_steps):  # Stop: eval dropped
                 log_metrics(log_path, step, evaluate_all(model, tokenizer, test_examples, args, step))
-            if step == steps or (args.save_every and step % args.save_every == 0):
+            if step == total_steps or (args.save_every and step % args.save_every == 0):
                 saved = save_checkpoint(model, optimizer, schedule, step, prompts_seen, time.time() - started, args)
     except Stop:
         bar.close()
         if done > saved:
             save_checkpoint(model, optimizer, schedule, done, prompts_seen, time.time() - started, args)
-        say(f"stopped by {signal.Signals(STOP_SIGNALS[0]).name} after step {done} of {steps}"
+        say(f"stopped by {signal.Signals(STOP_SIGNALS[0]).name} after step {done} of {total_steps}"
             f"{' (checkpoint saved)' if done > saved else ''}; resume with: {resume_command(args)}")
         raise SystemExit(128 + STOP_SIGNALS[0])
     bar.close()
@@ -755,12 +752,12 @@ def train(model, tokenizer, train_examples, test_examples, args):
 # ----------------------------------------------------------------------------------------------------------
 # 6. Evaluation (the authors': C=256, BL=32, T=128, low_confidence, greedy)
 @torch.no_grad()
-def evaluate(model, tokenizer, examples, args, steps, path):
-    """Decode the test prompts with the evaluation settings at `steps` denoising steps and grade them with
-    reward.is_correct. Each process takes every world_size-th example; rank 0 writes one JSON line per example
-    (in the test set's order), with the reference and the answer the grader read, so a score can be audited."""
+def evaluate(model, tokenizer, examples, args, T, path):
+    """Decode the test prompts with the evaluation settings in T denoising steps and grade them. Each process
+    takes every world_size-th example; rank 0 writes one JSON line per example in the test set's order, with
+    the reference and the answer the grader read, so that a score can be audited."""
     rank, world_size = world()
-    eval_args = dataclasses.replace(args, completion_length=args.eval_completion_length, sampling_steps=steps,
+    eval_args = dataclasses.replace(args, completion_length=args.eval_completion_length, sampling_steps=T,
                                     block_length=args.eval_block_length, unmasking=args.eval_unmasking,
                                     temperature=args.eval_temperature)
     raw = unwrap(model).eval()
@@ -768,22 +765,20 @@ def evaluate(model, tokenizer, examples, args, steps, path):
     # batches of prompts of similar length, so that few are padded (padding costs a mask: with_completion)
     prompts = tokenizer(prompt_texts(tokenizer, mine, args), add_special_tokens=False)["input_ids"]
     order = sorted(range(len(mine)), key=lambda j: len(prompts[j]))
-    shard = math.ceil(len(examples) / world_size)  # the same number of batches, hence of checks, everywhere
-    for i in tqdm(range(0, shard, args.eval_batch_size), desc=f"eval T={steps}", disable=rank > 0, leave=False):
+    shard = math.ceil(len(examples) / world_size)  # as many batches, hence stop checks, on every process
+    for i in tqdm(range(0, shard, args.eval_batch_size), desc=f"eval T={T}", disable=rank > 0, leave=False):
         check_stop(args)
         index = order[i:i + args.eval_batch_size]
         if not index:
             continue
-        chunk = [mine[j] for j in index]
-        clock = time.perf_counter()
+        chunk, clock = [mine[j] for j in index], time.perf_counter()
         rollout = generate(raw, *tokenize_prompts(tokenizer, chunk, args), eval_args,
-                           keyed_generator(args, -1, steps, rank, i))
+                           keyed_generator(args, -1, T, rank, i))
         synchronize(args)
         seconds += time.perf_counter() - clock
         lengths = (rollout.tokens != args.eos_token_id).sum(1).tolist()
-        rows += [{"index": rank + world_size * j, "question": ex["question"],
-                  "reference": reward.reference(args.task, ex), "answer": g["answer"], "score": g["score"],
-                  "length": n, "completion": g["text"]}
+        rows += [{"index": rank + world_size * j, "question": ex["question"], "reference": reward.reference(
+                  args.task, ex), "answer": g["answer"], "score": g["score"], "length": n, "completion": g["text"]}
                  for j, ex, g, n in zip(index, chunk, grade(tokenizer, rollout.tokens, chunk, args), lengths)]
     if world_size > 1:
         gathered = [None] * world_size
@@ -793,24 +788,24 @@ def evaluate(model, tokenizer, examples, args, steps, path):
     if rank == 0:
         write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
     n = max(len(rows), 1)
-    return {f"eval_T{steps}_accuracy": sum(r["score"] for r in rows) / n,
-            f"eval_T{steps}_completion_length": sum(r["length"] for r in rows) / n,
-            f"eval_T{steps}_seconds_per_completion": seconds / n}
+    return {f"eval_T{T}_accuracy": sum(r["score"] for r in rows) / n,
+            f"eval_T{T}_completion_length": sum(r["length"] for r in rows) / n,
+            f"eval_T{T}_seconds_per_completion": seconds / n}
 
 
 def evaluate_all(model, tokenizer, examples, args, step, name="eval"):
-    """Evaluate at every --eval-sampling-steps T; print each result as it comes."""
+    """Evaluate at every T of --eval-sampling-steps; print each result as it comes."""
     metrics = {}
-    for steps in args.eval_steps:
-        path = os.path.join(args.output_dir, f"{name}-step{step}-T{steps}.jsonl")
-        metrics.update(evaluate(model, tokenizer, examples, args, steps, path))
-        say(f"step {step}: evaluation accuracy {metrics[f'eval_T{steps}_accuracy']:.1%} at T={steps} on "
-            f"{len(examples)} problems ({path})")
+    for T in args.eval_steps:
+        path = os.path.join(args.output_dir, f"{name}-step{step}-T{T}.jsonl")
+        metrics.update(evaluate(model, tokenizer, examples, args, T, path))
+        say(f"step {step}: evaluation accuracy {metrics[f'eval_T{T}_accuracy']:.1%} at T={T} on {len(examples)} "
+            f"problems ({path})")
     return metrics
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 7. Runs and checkpoints: one directory a run, atomic saves, exact resume, merged export
+# 7. Runs and checkpoints: a directory a run, atomic saves, exact resume, Ctrl-C, curves, merged export
 STRUCTURE = ("model", "task", "dtype", "lora_rank", "lora_alpha", "lora_targets")  # fixed for a run's life
 ACTIONS = ("resume", "export", "eval_only")  # what one command does: never taken from a saved run
 
@@ -841,64 +836,55 @@ def is_run(path):
     return os.path.isfile(os.path.join(path, "config.json")) or bool(checkpoints(path))
 
 
-def newest_run():
-    """The run under runs/ written to most recently."""
-    runs = [os.path.join("runs", d) for d in os.listdir("runs")] if os.path.isdir("runs") else []
-    runs = [r for r in runs if is_run(r)]
-    if not runs:
-        raise ValueError("there is no run under runs/ to resume; give a run directory, or drop --resume")
-    return max(runs, key=lambda r: max(e.stat().st_mtime for e in os.scandir(r)))
-
-
 def find_resume(resume, output_dir):
     """(run directory, checkpoint to continue from, or None to restart a run that has none) for --resume
-    latest | RUN | CHECKPOINT."""
+    latest (the run under runs/ written to last, or --output-dir) | RUN | CHECKPOINT."""
     if is_checkpoint(resume):
         return os.path.dirname(os.path.normpath(resume)), resume
-    run = (output_dir or newest_run()) if resume == "latest" else resume
-    if not is_run(run):
-        raise ValueError(f"--resume {resume}: {run} holds no run; give a run or checkpoint directory")
-    found = checkpoints(run)
-    if not found and resume == "latest":
-        raise ValueError(f"the newest run, {run}, has no checkpoint yet: restart it with --resume {run}, or "
-                         "start a new run without --resume")
-    return run, (found[-1] if found else None)
+    if resume == "latest" and not output_dir:
+        runs = [os.path.join("runs", d) for d in os.listdir("runs")] if os.path.isdir("runs") else []
+        require(any(map(is_run, runs)), "there is no run under runs/ to resume; give its directory, or drop --resume")
+        output_dir = max(filter(is_run, runs), key=lambda r: max(e.stat().st_mtime for e in os.scandir(r)))
+    run = output_dir if resume == "latest" else resume
+    require(is_run(run), f"--resume {resume}: {run} holds no run; give a run or checkpoint directory")
+    require(checkpoints(run) or resume != "latest", f"the newest run, {run}, has no checkpoint yet: restart it "
+            f"with --resume {run}, or start a new run without --resume")
+    return run, (checkpoints(run) or [None])[-1]
 
 
 def new_run_dir(task):
-    """A new runs/<task>-<date>-<time>, created atomically: two runs started in one second get two."""
-    os.makedirs("runs", exist_ok=True)
+    """A fresh runs/<task>-<date>-<time>[-N]; mkdir is atomic, so two runs started in one second get two."""
     base = os.path.join("runs", f"{task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs("runs", exist_ok=True)
     for n in itertools.count(1):
+        path = base if n == 1 else f"{base}-{n}"
         try:
-            os.mkdir(base if n == 1 else f"{base}-{n}")
-            return base if n == 1 else f"{base}-{n}"
+            os.mkdir(path)
+            return path
         except FileExistsError:
             continue
 
 
 def open_run(args):
-    """Claim this command's run directory (rank 0) and write its resolved settings, config.json, there. A new
-    run takes a fresh directory, or an --output-dir that holds no run; a resumed run keeps its own."""
+    """Claim this command's run directory and write the resolved settings there (config.json): a new run
+    takes a fresh directory, or an --output-dir that holds no run; a resumed run keeps its own."""
     if not args.resume:
-        if args.output_dir is None:
-            args.output_dir = new_run_dir(args.task)
+        args.output_dir = args.output_dir or new_run_dir(args.task)
         os.makedirs(args.output_dir, exist_ok=True)
-        if is_run(args.output_dir) or os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")):
-            raise ValueError(f"{args.output_dir} already holds a run: continue it with --resume "
-                             f"{args.output_dir}, or choose another --output-dir")
+        require(not is_run(args.output_dir) and not os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")),
+                f"{args.output_dir} already holds a run: continue it with --resume {args.output_dir}, or choose "
+                "another --output-dir")
     write_atomically(os.path.join(args.output_dir, "config.json"), json.dumps(dataclasses.asdict(args), indent=1))
     return args.output_dir
 
 
 def save_checkpoint(model, optimizer, schedule, step, prompts_seen, elapsed, args):
-    """output_dir/checkpoint-<step>: trainable weights (the adapters under LoRA), optimizer, schedule, step,
-    data position, run time and the resolved settings. Written into a temporary directory then renamed, so a
-    crash or a full disk mid-write never leaves a checkpoint that loads wrong; the newest keep_checkpoints are
-    kept. Only the first process writes. Returns the step."""
+    """output_dir/checkpoint-<step> (first process only): trainable weights (the adapters under LoRA),
+    optimizer, schedule, step, data position, run time and the resolved settings. Written into a temporary
+    directory, then renamed, so a crash or a full disk mid-write never leaves a checkpoint that loads wrong.
+    The newest keep_checkpoints are kept. Returns the step."""
     if world()[0] > 0:
         return step
-    final = os.path.join(args.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
     try:
         os.makedirs(tmp, exist_ok=True)
@@ -907,7 +893,7 @@ def save_checkpoint(model, optimizer, schedule, step, prompts_seen, elapsed, arg
                     "prompts_seen": prompts_seen, "elapsed": elapsed}, os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=1)
-        os.replace(tmp, final)
+        os.replace(tmp, os.path.join(args.output_dir, f"checkpoint-{step}"))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for old in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
@@ -925,9 +911,8 @@ def load_checkpoint(path, model, args, optimizer=None, schedule=None):
         raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); resume from "
                          "an earlier one") from None
     raw = unwrap(model)
-    if set(weights) != {n for n, p in raw.named_parameters() if p.requires_grad}:
-        raise ValueError(f"checkpoint {path} holds other trainable weights than this model; resume with the "
-                         "settings it was saved with")
+    require(set(weights) == {n for n, p in raw.named_parameters() if p.requires_grad}, f"checkpoint {path} "
+            "holds other trainable weights than this model; resume with the settings it was saved with")
     raw.load_state_dict(weights, strict=False)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
@@ -936,8 +921,8 @@ def load_checkpoint(path, model, args, optimizer=None, schedule=None):
 
 
 def export(model, tokenizer, path):
-    """Fold the adapters into the weights and write a transformers model that from_pretrained loads back (into
-    a temporary directory, then renamed)."""
+    """Fold the adapters into the weights and write a transformers model that from_pretrained loads back
+    (into a temporary directory, then renamed)."""
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     merge_lora(unwrap(model)).save_pretrained(tmp)
@@ -962,8 +947,8 @@ def read_metrics(log_path):
 
 def forget_after(log_path, step):
     """Keep the metric lines of steps up to `step`, the checkpoint resumed (none when a run restarts)."""
-    rows = [row for row in read_metrics(log_path) if 0 < step and row["step"] <= step]
     if os.path.exists(log_path):
+        rows = [row for row in read_metrics(log_path) if 0 < step and row["step"] <= step]
         write_atomically(log_path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
@@ -974,9 +959,9 @@ def resume_command(args):
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop at its next check (check_stop): the step in progress
-    is finished or abandoned, a checkpoint written, and the resume command printed. A second signal stops at
-    once; the checkpoints already written are intact."""
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop at its next check_stop: the step in progress is
+    finished or abandoned, a checkpoint written and the resume command printed. A second signal stops at
+    once; the checkpoints already written are intact (they are written atomically)."""
     def ask(signum, frame):
         if STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
@@ -994,7 +979,7 @@ def stop_on_signals():
 
 
 def plot_curves(run):
-    """run/curves.svg: reward, accuracy, evaluation accuracy and completion length against the step, an image
+    """run/curves.svg: reward, accuracy, evaluation accuracy and completion length against the step, a picture
     any browser opens (nothing to install)."""
     rows = read_metrics(os.path.join(run, "metrics.jsonl"))
     evals = sorted({k for r in rows for k in r if k.startswith("eval_T") and k.endswith("_accuracy")})
@@ -1004,48 +989,42 @@ def plot_curves(run):
     svg = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{2 * W}" height="{2 * H}" font-family="sans-serif" '
            'font-size="11"><rect width="100%" height="100%" fill="white"/>']
     for n, (title, keys) in enumerate(panels):
-        x0, y0 = n % 2 * W + 50, n // 2 * H + 25
+        x0, y0, w, h = n % 2 * W + 50, n // 2 * H + 25, W - 70, H - 60
         series = {k: [(r["step"], r[k]) for r in rows if k in r] for k in keys}
-        points = [p for s in series.values() for p in s] or [(0, 0)]
-        (s0, s1), (v0, v1) = [(min(c), max(c)) for c in zip(*points)]
-        x = lambda s: x0 + (s - s0) / ((s1 - s0) or 1) * (W - 70)
-        y = lambda v: y0 + H - 60 - (v - v0) / ((v1 - v0) or 1) * (H - 70)
-        svg.append(f'<text x="{x0}" y="{y0 - 8}" font-weight="bold">{title}</text>'
-                   f'<rect x="{x0}" y="{y0}" width="{W - 70}" height="{H - 60}" fill="none" stroke="#999"/>'
-                   f'<text x="{x0 - 4}" y="{y0 + 8}" text-anchor="end">{v1:.3g}</text>'
-                   f'<text x="{x0 - 4}" y="{y0 + H - 60}" text-anchor="end">{v0:.3g}</text>'
-                   f'<text x="{x0}" y="{y0 + H - 46}">step {s0}</text>'
-                   f'<text x="{x0 + W - 70}" y="{y0 + H - 46}" text-anchor="end">step {s1}</text>')
+        (s0, s1), (v0, v1) = [(min(c), max(c)) for c in zip(*(sum(series.values(), []) or [(0, 0)]))]
+        X = lambda s: round(x0 + (s - s0) / ((s1 - s0) or 1) * w, 1)
+        Y = lambda v: round(y0 + h - (v - v0) / ((v1 - v0) or 1) * h, 1)
+        svg.append(f'<text x="{x0}" y="{y0 - 8}" font-weight="bold">{title}</text><rect x="{x0}" y="{y0}" '
+                   f'width="{w}" height="{h}" fill="none" stroke="#999"/><text x="{x0 - 4}" y="{y0 + 8}" '
+                   f'text-anchor="end">{v1:.3g}</text><text x="{x0 - 4}" y="{y0 + h}" text-anchor="end">{v0:.3g}'
+                   f'</text><text x="{x0}" y="{y0 + h + 14}">step {s0}</text><text x="{x0 + w}" y="{y0 + h + 14}" '
+                   f'text-anchor="end">step {s1}</text>')
         for i, (color, (key, pts)) in enumerate(zip(colors, series.items())):
             svg.append(f'<polyline fill="none" stroke="{color}" stroke-width="1.5" points="'
-                       + " ".join(f"{x(s):.1f},{y(v):.1f}" for s, v in pts) + '"/>'
-                       + "".join(f'<circle cx="{x(s):.1f}" cy="{y(v):.1f}" r="2.5" fill="{color}"/>'
-                                 for s, v in pts if len(pts) < 30))
+                       + " ".join(f"{X(s)},{Y(v)}" for s, v in pts) + '"/>')
+            if len(pts) < 30:  # few points (evaluations): mark each
+                svg += [f'<circle cx="{X(s)}" cy="{Y(v)}" r="2.5" fill="{color}"/>' for s, v in pts]
             if len(keys) > 1:
                 svg.append(f'<text x="{x0 + 6}" y="{y0 + 14 + 13 * i}" fill="{color}">{key}</text>')
     write_atomically(os.path.join(run, "curves.svg"), "\n".join(svg + ["</svg>\n"]))
 
 
 def summary(run, seconds):
-    """A paragraph on the run: length, reward and accuracy at the start and the end, where the files are."""
+    """A paragraph on the run: its length, reward and accuracy at the start and the end, where the files are."""
     rows = read_metrics(os.path.join(run, "metrics.jsonl"))
     steps = [r for r in rows if "reward" in r]
-    if not steps:
-        return f"no training step was logged in {run}"
     n = max(1, len(steps) // 10)
-    first, last = steps[:n], steps[-n:]
     mean = lambda part, key: sum(r[key] for r in part) / len(part)
-    took = f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.1f} min"
-    text = (f"Done: {steps[-1]['step']} steps, {steps[-1]['prompts_seen']:,} prompts, in {took}. "
-            f"Training reward {mean(first, 'reward'):.2f} -> {mean(last, 'reward'):.2f} and accuracy "
-            f"{mean(first, 'accuracy'):.1%} -> {mean(last, 'accuracy'):.1%} (means of the first and last {n} "
-            "steps).")
+    text = (f"Done: {steps[-1]['step']} steps, {steps[-1]['prompts_seen']:,} prompts, in "
+            f"{f'{seconds:.0f} s' if seconds < 120 else f'{seconds / 60:.1f} min'}. Training reward "
+            f"{mean(steps[:n], 'reward'):.2f} -> {mean(steps[-n:], 'reward'):.2f}, accuracy "
+            f"{mean(steps[:n], 'accuracy'):.1%} -> {mean(steps[-n:], 'accuracy'):.1%} (means of the first and "
+            f"last {n} steps).") if steps else f"No training step was logged in {run}."
     for key in sorted({k for r in rows for k in r if k.startswith("eval_T") and k.endswith("_accuracy")}):
         points = [(r["step"], r[key]) for r in rows if key in r]
-        text += (f" Evaluation accuracy at T={key[6:-9]}: {points[0][1]:.1%} at step {points[0][0]} -> "
-                 f"{points[-1][1]:.1%} at step {points[-1][0]}.")
-    return text + (f"\nCurves: {os.path.join(run, 'curves.svg')}  metrics: {os.path.join(run, 'metrics.jsonl')}  "
-                   f"checkpoints: {run}")
+        (s0, a0), (s1, a1) = points[0], points[-1]
+        text += f" Evaluation accuracy at T={key[6:-9]}: {a0:.1%} at step {s0} -> {a1:.1%} at step {s1}."
+    return text + f"\nCurves: {run}/curves.svg   metrics: {run}/metrics.jsonl   checkpoints: {run}/checkpoint-*"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1055,14 +1034,14 @@ def flag(name):
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one sentence through main, with the nearest flag for a misspelt one
+    def error(self, message):  # one sentence through main, naming the nearest flag to a misspelt one
         typo = re.search(r"unrecognized arguments: (--[\w-]+)", message)
         near = difflib.get_close_matches(typo[1], self._option_string_actions, n=1) if typo else []
         raise ValueError(message + (f" (did you mean {near[0]}?)" if near else "") + "; see --help")
 
 
 def build_parser():
-    """One flag per field of Args, grouped as Args is; every default is SUPPRESS, so that parsing returns only
+    """One flag per field of Args, grouped as Args is. Every default is SUPPRESS, so that parsing returns only
     what was typed."""
     parser = Parser(prog="agrpo.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
                     usage="python agrpo.py [config.yaml] [--flag value ...]   (torchrun ... agrpo.py for DDP)",
@@ -1076,8 +1055,7 @@ def build_parser():
                         "(with - or _); flags typed as well override it")
     group = parser
     for f in dataclasses.fields(Args):
-        if f.metadata["group"]:
-            group = parser.add_argument_group(f.metadata["group"])
+        group = parser.add_argument_group(f.metadata["group"]) if f.metadata["group"] else group
         default = "" if f.default is None else f" (default: {f.default}" + (
             f"; toy: {TOY[f.name]})" if f.name in TOY else ")")
         options = dict(help=(f.metadata["help"] + default).replace("%", "%%"))
@@ -1097,15 +1075,13 @@ def config_flags(path):
     import yaml
     with open(path) as f:
         settings = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
-    if not isinstance(settings, dict):
-        raise ValueError(f"{path} should hold a mapping of settings, like learning_rate: 1.0e-5")
+    require(isinstance(settings, dict), f"{path} should hold a mapping of settings, like learning_rate: 1.0e-5")
     flags = []
     for key, value in settings.items():
-        name = flag(str(key))
         if isinstance(value, bool):
-            flags.append(name if value else "--no-" + name[2:])
+            flags.append(flag(str(key)) if value else "--no-" + flag(str(key))[2:])
         elif value is not None:
-            flags += [name, str(value)]
+            flags += [flag(str(key)), str(value)]
     return flags
 
 
@@ -1125,15 +1101,14 @@ def parse_args(argv=None):
         directory, checkpoint = find_resume(typed["resume"], typed.get("output_dir"))
         saved = saved_settings(checkpoint or directory, typed)
         run = dict(output_dir=directory, resume=checkpoint or directory)  # no checkpoint: restart the run
-    preset = TOY if {**saved, **typed}.get("model") == "toy" else {}
-    args = Args(**{**preset, **saved, **typed, **run})
+    args = Args(**{**(TOY if {**saved, **typed}.get("model") == "toy" else {}), **saved, **typed, **run})
     validate(args)
     return args
 
 
 def saved_settings(path, typed):
-    """The settings a run was saved with (a checkpoint's args.json, or the run's config.json). Prints what a
-    typed flag changes; refuses a change of the model's structure."""
+    """The settings a run was saved with (a checkpoint's args.json, or the run's config.json), but this
+    command's actions. Prints what a typed flag changes; refuses a change of the model's structure."""
     try:
         with open(os.path.join(path, "args.json" if is_checkpoint(path) else "config.json")) as f:
             saved = json.load(f)
@@ -1142,9 +1117,8 @@ def saved_settings(path, typed):
     saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)} - set(ACTIONS)}
     for name in sorted(set(typed) & set(saved) - {"output_dir"}):
         if typed[name] != saved[name]:
-            if name in STRUCTURE:
-                raise ValueError(f"{flag(name)} {typed[name]}: {path} was trained with {saved[name]}, and a "
-                                 "model's structure cannot change on resume; drop the flag")
+            require(name not in STRUCTURE, f"{flag(name)} {typed[name]}: {path} was trained with {saved[name]}, "
+                    "and a model's structure cannot change on resume; drop the flag")
             say(f"resume: {flag(name)} {saved[name]} -> {typed[name]}")
     return saved
 
@@ -1165,23 +1139,21 @@ def validate(args):
         (("temperature",), lambda v: v > 0, "more than 0 (greedy decoding, 0, is for --eval-temperature)"),
         (("adam_beta1", "adam_beta2", "warmup_ratio", "lora_dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
         (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
-        (("group_size",), lambda v: v >= 2, "at least 2 (advantages compare the completions of a prompt)"),
-    ]
+        (("group_size",), lambda v: v >= 2, "at least 2 (advantages compare the completions of a prompt)")]
     for names, ok, what in bounds:
         for name in names:
             value = getattr(args, name)
             require(value is None or ok(value), f"{flag(name)} {value}: must be {what}")
     require(args.device == "cpu" or re.fullmatch(r"cuda(:\d+)?", args.device),
             f"--device {args.device}: use cuda, cuda:N (a GPU) or cpu")
-    require(args.beta == 0 or args.lora_rank > 0, "--beta > 0 needs LoRA (--lora-rank > 0): the reference is "
-            "the model with its adapters off")
-    require(all(name.strip() for name in args.lora_targets.split(",")), "--lora-targets: give layer names, "
-            "comma-separated")
+    require(args.beta == 0 or args.lora_rank > 0,
+            "--beta > 0 needs LoRA (--lora-rank > 0): the reference is the model with its adapters off")
+    require(all(args.lora_targets.split(",")), "--lora-targets: give layer names, comma-separated")
     check_geometry(args.completion_length, args.block_length, args.sampling_steps)
-    require(re.fullmatch(r"\d+(,\d+)*", args.eval_sampling_steps), f"--eval-sampling-steps "
-            f"{args.eval_sampling_steps}: give step counts like 128,64,32")
-    for steps in args.eval_steps:
-        check_geometry(args.eval_completion_length, args.eval_block_length, steps,
+    require(re.fullmatch(r"\d+(,\d+)*", args.eval_sampling_steps),
+            f"--eval-sampling-steps {args.eval_sampling_steps}: give step counts like 128,64,32")
+    for T in args.eval_steps:
+        check_geometry(args.eval_completion_length, args.eval_block_length, T,
                        ("--eval-completion-length", "--eval-block-length", "--eval-sampling-steps"))
     check_batch(args, 1)
     for name in ("output_dir", "export"):
@@ -1193,48 +1165,23 @@ def validate(args):
 
 def check_batch(args, world_size):
     """Whole prompt groups on every process, and micro-batches that split each process's completions."""
-    per_process = args.prompts_per_step // world_size * args.group_size
-    if args.prompts_per_step % world_size or per_process % args.micro_batch_size:
-        prompts = math.ceil(args.prompts_per_step / world_size) * world_size
+    if args.prompts_per_step % world_size or args.prompts_per_step // world_size * args.group_size % \
+            args.micro_batch_size:
         raise ValueError(f"{world_size} process(es) need --prompts-per-step divisible by {world_size} and "
-                         f"--micro-batch-size dividing each process's prompts x --group-size; e.g. "
-                         f"--prompts-per-step {prompts} --micro-batch-size {args.group_size}")
-
-
-def init_distributed(args):
-    """Under torchrun (RANK is set): one process per GPU, NCCL on GPUs and gloo on CPUs."""
-    if "RANK" not in os.environ or dist.is_initialized():
-        return
-    cuda = args.device.startswith("cuda")
-    if cuda:
-        args.device = f"cuda:{os.environ['LOCAL_RANK']}"
-        torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if cuda else "gloo")
-
-
-def on_rank0(fn, *fn_args):
-    """fn(*fn_args) on the first process only; its result, or its error, goes to every process."""
-    result = (None, None)
-    if world()[0] == 0:
-        try:
-            result = (fn(*fn_args), None)
-        except (ValueError, OSError) as e:
-            result = (None, e)
-    if world()[1] > 1:
-        box = [result]
-        dist.broadcast_object_list(box, src=0)
-        result = box[0]
-    if result[1] is not None:
-        raise result[1]
-    return result[0]
+                         "--micro-batch-size dividing each process's prompts x --group-size; e.g. --prompts-per-"
+                         f"step {math.ceil(args.prompts_per_step / world_size) * world_size} --micro-batch-size "
+                         f"{args.group_size}")
 
 
 def setup(args):
     """Everything that can fail for reasons outside the code, each failure one clear sentence (ValueError)."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("CUDA is not available here. LLaDA-8B needs a GPU (see README); for an offline CPU run "
-                         "use --model toy --device cpu")
-    init_distributed(args)
+    require(not args.device.startswith("cuda") or torch.cuda.is_available(), "CUDA is not available here. "
+            "LLaDA-8B needs a GPU (see README); for an offline CPU run use --model toy --device cpu")
+    if "RANK" in os.environ and not dist.is_initialized():  # under torchrun: one process per GPU
+        if args.device.startswith("cuda"):
+            args.device = f"cuda:{os.environ['LOCAL_RANK']}"
+            torch.cuda.set_device(args.device)
+        dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     check_batch(args, world()[1])
     try:
         train_examples = [] if args.eval_only or args.export else reward.load_examples(
@@ -1245,26 +1192,22 @@ def setup(args):
         raise ValueError(str(e)) from None
     require(train_examples or args.eval_only or args.export, f"no training examples for {args.task}")
     model, tokenizer = load_model_and_tokenizer(args)
-    if args.activation_checkpointing:
-        enable_activation_checkpointing(model)
+    if args.activation_checkpointing:  # recompute activations in the backward pass: less memory, ~1/3 more time
+        if hasattr(getattr(model, "model", None), "set_activation_checkpointing"):  # LLaDA's remote code
+            model.model.set_activation_checkpointing("whole_layer")
+        else:
+            require(model.supports_gradient_checkpointing, "this model has no activation checkpointing")
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, train_examples, test_examples
 
 
-def enable_activation_checkpointing(model):
-    """Recompute each layer's activations in the backward pass: less memory, about a third more compute."""
-    if hasattr(getattr(model, "model", None), "set_activation_checkpointing"):  # LLaDA's remote code
-        model.model.set_activation_checkpointing("whole_layer")
-    elif getattr(model, "supports_gradient_checkpointing", False):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    else:
-        raise ValueError("this model offers no activation checkpointing; drop --activation-checkpointing")
-
-
-def describe(error):
-    """One sentence for a filesystem error: what could not be done to which file."""
-    if error.filename is None:
-        return str(error)
-    return f"cannot write {error.filename}: {(error.strerror or str(error)).lower()}; nothing saved before is lost"
+def from_rank0(value):
+    """The first process's value, on every process."""
+    if world()[1] > 1:
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        value = box[0]
+    return value
 
 
 def main(argv=None):
@@ -1277,11 +1220,9 @@ def main(argv=None):
         if (args.export or args.eval_only) and is_checkpoint(args.resume):  # training loads its own
             step = load_checkpoint(args.resume, model, args)[0]
         if args.export:
-            if world()[0] == 0:
-                export(model, tokenizer, args.export)
-            return None
-        if not (args.eval_only and args.resume):  # an evaluation of a run adds files to it, nothing else
-            args.output_dir = on_rank0(open_run, args)
+            return export(model, tokenizer, args.export) if world()[0] == 0 else None
+        if not (args.eval_only and args.resume):  # evaluating a run only adds files to it
+            args.output_dir = from_rank0(open_run(args) if world()[0] == 0 else None)
         with stop_on_signals():
             if args.eval_only:
                 return evaluate_all(model, tokenizer, test_examples, args, step,
@@ -1289,8 +1230,9 @@ def main(argv=None):
             train(model, tokenizer, train_examples, test_examples, args)
     except ValueError as e:
         raise SystemExit(f"agrpo: {e}") from None
-    except OSError as e:
-        raise SystemExit(f"agrpo: {describe(e)}") from None
+    except OSError as e:  # a full disk, a read-only or missing directory: what could not be done to which file
+        raise SystemExit(f"agrpo: cannot write {e.filename}: {(e.strerror or str(e)).lower()}; nothing saved "
+                         "before is lost" if e.filename else f"agrpo: {e}") from None
     except Stop:
         raise SystemExit(f"agrpo: stopped by {signal.Signals(STOP_SIGNALS[0]).name}; nothing was written")
     finally:

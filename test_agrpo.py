@@ -1403,8 +1403,8 @@ def test_latest_never_continues_another_run(tmp_path, monkeypatch):
 
 def run_agrpo(argv, cwd, **kw):
     """agrpo.py in a fresh interpreter, as a user starts it."""
-    return subprocess.Popen([sys.executable, AGRPO, *argv], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen([sys.executable, AGRPO, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)  # 2 runs, 2 cores
 
 
 def test_two_runs_at_once_then_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp_path, monkeypatch):
