@@ -1,20 +1,20 @@
 """AGRPO: policy gradients for masked diffusion language models, in one file.
 
 Reference implementation of "Simple Policy Gradients for Reasoning with Diffusion Language Models"
-(A. Zhan, arXiv 2510.04019). The file follows the paper in order:
+(A. Zhan, arXiv 2510.04019). The method comes first, in the order of the paper's argument; the plumbing after:
 
   0. Config            every hyperparameter, the authors' settings as defaults
   1. Loading           LLaDA-8B-Instruct (or an offline toy model), plain LoRA
-  2. Sampler           section 1: generation as a Markov decision process
-  3. Advantages        section 3: rewards (reward.py) and group-relative advantages
-  4. Policy gradient   section 2: the amortized Monte Carlo estimator
-  5. Training loop     section 4: the authors' recipe, on one GPU or many (torchrun)
+  2. Sampler           generation as a Markov decision process over denoising steps
+  3. Advantages        rewards (reward.py) and group-relative advantages
+  4. Policy gradient   the amortized Monte Carlo estimator, importance sampling over timesteps
+  5. Training loop     the authors' recipe, on one GPU or many (torchrun)
   6. Evaluation        greedy decoding of the test split at one or several step counts
-  7. Checkpoints       atomic saves, exact resume, merged export
-  8. main              flags, clear errors, the loop
+  7. Runs              a directory a run, atomic checkpoints, exact resume, Ctrl-C, curves, export
+  8. Command line      flags, config files, the toy preset, clear errors, main
 
-Run `python agrpo.py --help` for every flag; `python agrpo.py --task countdown --model toy --device cpu`
-runs the whole method offline on a CPU in seconds.
+`python agrpo.py --help` explains every flag; `python agrpo.py --task countdown --model toy --device cpu`
+runs the whole method offline on a CPU and shows it learning.
 """
 import argparse
 import contextlib
@@ -188,7 +188,7 @@ def add_lora(model, args):
 
 @contextlib.contextmanager
 def adapters_off(model):
-    """The reference policy for the KL term (section 2): the base model, adapters switched off."""
+    """The reference policy of the KL term: the base model, its adapters switched off."""
     loras = [m for m in model.modules() if isinstance(m, LoRALinear)]
     for m in loras:
         m.enabled = False
