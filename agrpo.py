@@ -1015,7 +1015,7 @@ def summary(run, seconds):
     steps = [r for r in rows if "reward" in r]
     n = max(1, len(steps) // 10)
     mean = lambda part, key: sum(r[key] for r in part) / len(part)
-    text = (f"Done: {steps[-1]['step']} steps, {steps[-1]['prompts_seen']:,} prompts, in "
+    text = (f"Done: {steps[-1]['step']} step(s), {steps[-1]['prompts_seen']:,} prompts, in "
             f"{f'{seconds:.0f} s' if seconds < 120 else f'{seconds / 60:.1f} min'}. Training reward "
             f"{mean(steps[:n], 'reward'):.2f} -> {mean(steps[-n:], 'reward'):.2f}, accuracy "
             f"{mean(steps[:n], 'accuracy'):.1%} -> {mean(steps[-n:], 'accuracy'):.1%} (means of the first and "

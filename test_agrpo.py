@@ -1238,7 +1238,7 @@ def test_main_runs_evaluates_logs_and_checkpoints(tmp_path, capsys):
     assert len(ElementTree.parse(os.path.join(out, "curves.svg")).getroot().findall(".//{*}polyline")) == 4
     printed = capsys.readouterr().out
     assert "step 0: evaluation accuracy" in printed and "step 2: evaluation accuracy" in printed
-    assert "Done: 2 steps, 8 prompts" in printed and "curves.svg" in printed
+    assert "Done: 2 step(s), 8 prompts" in printed and "curves.svg" in printed
 
 
 def test_eval_only_writes_its_own_files_and_says_where(tmp_path, capsys):
