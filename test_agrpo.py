@@ -32,6 +32,14 @@ import reward
 from agrpo import Args
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def cache_in_tmp(tmp_path, monkeypatch):
+    """The toy warm-up caches its weights under $XDG_CACHE_HOME: each test keeps its own."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
 EOS, MASK = 0, 3  # toy vocabulary: EOS, a, b, MASK (the mask id can be sampled too: it is in the vocabulary)
 
 
@@ -359,13 +367,13 @@ def test_sampler_invariants(toy):
     model, tokenizer = toy
     args = toy_run_args(tokenizer, completion_length=24, block_length=8, sampling_steps=12)
     with torch.no_grad():
-        model.cls.predictions.bias[tokenizer.eos_token_id] += 3.0  # make EOS blocks, hence early exits, likely
+        model.cls.predictions.bias[tokenizer.eos_token_id] += 6.0  # make EOS blocks, hence early exits, likely
     try:
         rollout = agrpo.generate(model, *toy_prompts(tokenizer, ["x"] * 8), args, torch.Generator().manual_seed(0))
         again = agrpo.generate(model, *toy_prompts(tokenizer, ["x"] * 8), args, torch.Generator().manual_seed(0))
     finally:
         with torch.no_grad():
-            model.cls.predictions.bias[tokenizer.eos_token_id] -= 3.0
+            model.cls.predictions.bias[tokenizer.eos_token_id] -= 6.0
     T, k, steps_per_block = 12, 2, 4
     assert all(torch.equal(getattr(rollout, f), getattr(again, f)) for f in ("tokens", "step", "logp"))
     assert not (rollout.step == T).all(1).any()
@@ -627,7 +635,7 @@ def released_trainer_by_hand(model, optimizer, rollouts, advantages, args, step,
 def test_released_schedule_updates_after_each_sampled_step(toy, monkeypatch):
     """--update-schedule released takes M optimizer updates per step, all at one learning rate (the paper's
     schedule takes one), and its weights equal those of the plain loop above fed the same draws."""
-    monkeypatch.setattr(reward, "reward_parts", count_a)
+    monkeypatch.setattr(reward, "reward_parts", count_1)
     _, tokenizer = toy
     examples = [{"question": q} for q in ("12+7=", "3*4=")]
     args = toy_run_args(tokenizer, group_size=2, micro_batch_size=2, mc_samples=3, top_k=0, top_p=1.0,
@@ -642,7 +650,7 @@ def test_released_schedule_updates_after_each_sampled_step(toy, monkeypatch):
             rollouts = [agrpo.generate(model.eval(), *agrpo.tokenize_prompts(tokenizer, [ex, ex], args), args,
                                        agrpo.keyed_generator(args, 1, 0, i)) for i, ex in enumerate(examples)]
             texts = tokenizer.batch_decode(torch.cat([r.tokens for r in rollouts]), skip_special_tokens=True)
-            rewards = torch.tensor([count_a("", text, {})["correct"] for text in texts])
+            rewards = torch.tensor([count_1("", text, {})["correct"] for text in texts])
             model.train()
             released_trainer_by_hand(model, optimizer, rollouts, agrpo.group_advantages(rewards, 2), args, 1, 2)
         else:
@@ -1191,15 +1199,55 @@ def test_toy_model_learns_a_toy_reward():
     assert after > before + 0.3, history
 
 
+def test_warmed_up_toy_earns_more_reward_under_agrpo_and_not_without(tmp_path):
+    """The toy's supervised warm-up (not AGRPO; here shorter, on smaller batches, than the default run's) gives
+    the toy model a start that earns sudoku reward, cached on disk. AGRPO steps on one puzzle then raise the
+    reward of the model's own samples; the same steps with learning rate 0 leave it flat."""
+    args = agrpo.parse_args(["--task", "sudoku", "--model", "toy", "--toy-warmup-steps", "100", "--completion-length",
+                             "18", "--block-length", "18", "--sampling-steps", "6", "--mc-samples", "6",
+                             "--group-size", "16", "--micro-batch-size", "16", "--prompts-per-step", "1"])
+    puzzle = reward.load_examples("sudoku", "train", "synthetic", n=1, seed=1)
+
+    def rewards(lr):
+        model, tokenizer = agrpo.toy_model_and_tokenizer(args.seed)
+        args.eos_token_id = tokenizer.eos_token_id
+        agrpo.warm_up_toy(model, tokenizer, args, batch=16)  # the first arm trains and caches, the second loads
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
+        return [float(agrpo.rl_step(model, tokenizer, optimizer, schedule, puzzle, args, step)["reward"])
+                for step in range(1, 17)]
+
+    def rise(r):
+        return sum(r[8:]) / 8 - sum(r[:8]) / 8
+
+    trained, frozen = rewards(1e-3), rewards(0.0)
+    assert [f.endswith(".pt") for f in os.listdir(tmp_path / "cache" / "agrpo")] == [True]
+    assert trained[0] == frozen[0] > 0.5  # the same warmed-up start, whose samples earn reward
+    # With lr 0 the rewards are draws from one fixed policy and the rise is sampling noise: a mean of 8 x 16
+    # samples has a standard error near 0.05, so 0.1 is two of them. AGRPO raises it by far more.
+    assert rise(trained) > 0.1 > rise(frozen), (trained, frozen)
+
+
+def test_toy_warm_up_without_a_writable_cache_still_runs(tmp_path, monkeypatch, capsys):
+    """A cache place that cannot be written costs the cache, not the run: one line says so."""
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
+    args = agrpo.parse_args(["--model", "toy", "--toy-warmup-steps", "2"])
+    before = agrpo.toy_model_and_tokenizer(args.seed)[0].state_dict()
+    model, _ = agrpo.load_model_and_tokenizer(args)
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "the toy warm-up is not cached (Not a directory" in capsys.readouterr().out
+
+
 FAST = ["--task", "countdown", "--model", "toy", "--completion-length", "16", "--sampling-steps", "8",
         "--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "4", "--mc-samples", "2",
-        "--train-examples", "64"]
+        "--train-examples", "64", "--toy-warmup-steps", "0", "--eval-every", "0"]
 AGRPO = os.path.abspath(agrpo.__file__)
 
 
-def count_a(task, completion, example):
-    """A reward the random toy model can improve on: the share of 'a' among the characters it writes."""
-    return {"format": 0.0, "correct": completion.count("a") / max(len(completion), 1), "answer": None}
+def count_1(task, completion, example):
+    """A reward the random toy model can improve on: the share of '1' among the characters it writes."""
+    return {"format": 0.0, "correct": completion.count("1") / max(len(completion), 1), "answer": None}
 
 
 def trained(path):
@@ -1214,8 +1262,8 @@ def test_main_runs_evaluates_logs_and_checkpoints(tmp_path, capsys):
     """A toy run evaluates at the start and the end, logs every metric the README lists (one line a step, and
     one an evaluation), writes auditable evaluation rows, a checkpoint, curves.svg, and prints a summary."""
     out = str(tmp_path / "run")
-    agrpo.main(["--task", "countdown", "--model", "toy", "--max-steps", "2", "--eval-every", "2",
-                "--eval-examples", "8", "--train-examples", "64", "--output-dir", out])
+    agrpo.main(["--task", "countdown", "--model", "toy", "--toy-warmup-steps", "0", "--max-steps", "2",
+                "--eval-every", "2", "--eval-examples", "8", "--train-examples", "64", "--output-dir", out])
     lines = metric_lines(out)
     assert [(m["step"], "reward" in m) for m in lines] == [(0, False), (1, True), (2, True), (2, False)]
     for key in ("reward", "reward_format", "reward_correct", "accuracy", "reward_std", "zero_spread_groups",
@@ -1223,11 +1271,11 @@ def test_main_runs_evaluates_logs_and_checkpoints(tmp_path, capsys):
                 "clip_high", "kl", "ratio_max_dev", "grad_norm", "lr", "seconds_generate", "seconds_grade",
                 "seconds_train", "tokens_per_second", "prompts_seen", "elapsed_seconds"):
         assert all(math.isfinite(m[key]) for m in lines[1:3]), key
-    assert [m["prompts_seen"] for m in lines[1:3]] == [4, 8]
+    assert [m["prompts_seen"] for m in lines[1:3]] == [8, 16]
     assert lines[1]["tokens_per_second"] == pytest.approx(
-        4 * 4 * 32 / sum(lines[1][f"seconds_{k}"] for k in ("generate", "grade", "train")))
-    assert 0 <= lines[3]["eval_T16_accuracy"] <= 1 and lines[3]["eval_T16_seconds_per_completion"] > 0
-    rows = [json.loads(line) for line in open(os.path.join(out, "eval-step2-T16.jsonl"))]
+        8 * 8 * 24 / sum(lines[1][f"seconds_{k}"] for k in ("generate", "grade", "train")))
+    assert 0 <= lines[3]["eval_T12_accuracy"] <= 1 and lines[3]["eval_T12_seconds_per_completion"] > 0
+    rows = [json.loads(line) for line in open(os.path.join(out, "eval-step2-T12.jsonl"))]
     assert len(rows) == 8 and [r["index"] for r in rows] == list(range(8))
     assert all(set(r) == {"index", "question", "reference", "answer", "score", "length", "completion"} for r in rows)
     assert agrpo.checkpoints(out) == [os.path.join(out, "checkpoint-2")]
@@ -1238,7 +1286,7 @@ def test_main_runs_evaluates_logs_and_checkpoints(tmp_path, capsys):
     assert len(ElementTree.parse(os.path.join(out, "curves.svg")).getroot().findall(".//{*}polyline")) == 4
     printed = capsys.readouterr().out
     assert "step 0: evaluation accuracy" in printed and "step 2: evaluation accuracy" in printed
-    assert "Done: 2 step(s), 8 prompts" in printed and "curves.svg" in printed
+    assert "Done: 2 step(s), 16 prompts" in printed and "curves.svg" in printed
 
 
 def test_eval_only_writes_its_own_files_and_says_where(tmp_path, capsys):
@@ -1247,9 +1295,9 @@ def test_eval_only_writes_its_own_files_and_says_where(tmp_path, capsys):
     run = str(tmp_path / "run")
     agrpo.main(FAST + ["--max-steps", "1", "--eval-every", "1", "--eval-examples", "4", "--output-dir", run])
     before = {name: open(os.path.join(run, name)).read() for name in os.listdir(run) if name.startswith("eval")}
-    metrics = agrpo.main(["--resume", run, "--eval-only", "--eval-sampling-steps", "8,4"])
-    assert {"eval_T8_accuracy", "eval_T4_accuracy", "eval_T4_completion_length"} <= set(metrics)
-    new = [n for n in os.listdir(run) if n.startswith("eval-only-") and n.endswith("-step1-T4.jsonl")]
+    metrics = agrpo.main(["--resume", run, "--eval-only", "--eval-sampling-steps", "12,6"])
+    assert {"eval_T12_accuracy", "eval_T6_accuracy", "eval_T6_completion_length"} <= set(metrics)
+    new = [n for n in os.listdir(run) if n.startswith("eval-only-") and n.endswith("-step1-T6.jsonl")]
     assert len(new) == 1 and sum(1 for _ in open(os.path.join(run, new[0]))) == 4
     assert all(open(os.path.join(run, name)).read() == text for name, text in before.items())
     assert new[0] in capsys.readouterr().out
@@ -1257,7 +1305,7 @@ def test_eval_only_writes_its_own_files_and_says_where(tmp_path, capsys):
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
     """2 steps, a crash, resume, 2 steps == 4 uninterrupted steps, bit for bit; the log keeps one line a step."""
-    monkeypatch.setattr(reward, "reward_parts", count_a)
+    monkeypatch.setattr(reward, "reward_parts", count_1)
     straight, crashed = str(tmp_path / "straight"), str(tmp_path / "crashed")
     agrpo.main(FAST + ["--max-steps", "4", "--save-every", "2", "--output-dir", straight])
     agrpo.main(FAST + ["--max-steps", "4", "--save-every", "2", "--output-dir", crashed])
@@ -1350,9 +1398,9 @@ def test_exported_model_is_a_model_this_program_loads(tmp_path):
     with pytest.raises(SystemExit, match="--export .* is a file; give a directory"):
         agrpo.main(["--resume", run, "--export", str(tmp_path / "file")])
     agrpo.main(["--resume", run, "--export", merged])
-    metrics = agrpo.main(["--model", merged, "--device", "cpu", "--dtype", "float32", "--mask-token-id", "2", "--lora-rank", "0",
-                          "--data", "synthetic", "--eval-only", "--eval-examples", "2", "--eval-completion-length",
-                          "8", "--eval-block-length", "8", "--eval-sampling-steps", "4",
+    metrics = agrpo.main(["--model", merged, "--device", "cpu", "--dtype", "float32", "--mask-token-id", "2",
+                          "--lora-rank", "0", "--data", "synthetic", "--eval-only", "--eval-examples", "2",
+                          "--eval-completion-length", "8", "--eval-block-length", "8", "--eval-sampling-steps", "4",
                           "--output-dir", str(tmp_path / "eval")])
     assert 0 <= metrics["eval_T4_accuracy"] <= 1
 
@@ -1365,7 +1413,7 @@ def test_typed_flags_win_over_the_toy_preset_and_the_config_file(tmp_path):
     typed = ["--temperature", "0.6", "--top-k", "150", "--lora-rank", "64", "--micro-batch-size", "8"]
     args = agrpo.parse_args(["--model", "toy"] + typed)
     assert (args.temperature, args.top_k, args.lora_rank, args.micro_batch_size) == (0.6, 150, 64, 8)
-    assert (args.device, args.completion_length, args.top_p) == ("cpu", 32, 1.0)  # the preset, untyped
+    assert (args.device, args.completion_length, args.top_p) == ("cpu", 24, 1.0)  # the preset, untyped
     config = tmp_path / "my.yaml"
     config.write_text("model: toy\nlearning-rate: 1.0e-3\ntop_k: 7\nlow_discrepancy: false\n")
     args = agrpo.parse_args([str(config), "--top-k", "9"])
@@ -1460,7 +1508,8 @@ def test_torchrun_works_with_the_toy_defaults(tmp_path):
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(free_port()), AGRPO, "--task", "countdown", "--model", "toy",
                              "--device", "cpu", "--max-steps", "1", "--eval-every", "0", "--train-examples", "64",
-                             "--output-dir", str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+                             "--toy-warmup-steps", "0", "--output-dir", str(tmp_path / "run")],
+                            capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     (line,) = metric_lines(tmp_path / "run")
     args = Args(**{**agrpo.TOY})
@@ -1478,7 +1527,7 @@ def ddp_worker(rank, port, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    reward.reward_parts = count_a
+    reward.reward_parts = count_1
     agrpo.main(FAST + ["--max-steps", "2", "--output-dir", out])
 
 
@@ -1492,7 +1541,7 @@ def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
             for p in workers.processes:
                 p.kill()
             pytest.fail("the two DDP processes did not finish in 120 s")
-    monkeypatch.setattr(reward, "reward_parts", count_a)
+    monkeypatch.setattr(reward, "reward_parts", count_1)
     agrpo.main(FAST + ["--max-steps", "2", "--output-dir", str(tmp_path / "one")])
     logs = [metric_lines(tmp_path / d) for d in ("one", "two")]
     for one, two in zip(*logs):
@@ -1519,7 +1568,7 @@ def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
     (["--model", "toy", "--keep-checkpoints", "0"], "--keep-checkpoints 0: must be at least 1"),
     (["--model", "toy", "--lora-rank", "-1"], "--lora-rank -1: must be 0 or more"),
     (["--model", "toy", "--micro-batch-size", "3"], "need --prompts-per-step divisible by 1 .* e.g. "
-                                                    "--prompts-per-step 4 --micro-batch-size 4"),
+                                                    "--prompts-per-step 8 --micro-batch-size 8"),
     (["--model", "toy", "--task", "chess"], "argument --task: invalid choice: 'chess'"),
     (["--resume", "nowhere"], "--resume nowhere: nowhere holds no run"),
 ])
