@@ -1215,16 +1215,16 @@ def test_warmed_up_toy_earns_more_reward_under_agrpo_and_not_without(tmp_path):
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
         return [float(agrpo.rl_step(model, tokenizer, optimizer, schedule, puzzle, args, step)["reward"])
-                for step in range(1, 17)]
+                for step in range(1, 13)]
 
     def rise(r):
-        return sum(r[8:]) / 8 - sum(r[:8]) / 8
+        return sum(r[6:]) / 6 - sum(r[:6]) / 6
 
     trained, frozen = rewards(1e-3), rewards(0.0)
     assert [f.endswith(".pt") for f in os.listdir(tmp_path / "cache" / "agrpo")] == [True]
     assert trained[0] == frozen[0] > 0.5  # the same warmed-up start, whose samples earn reward
-    # With lr 0 the rewards are draws from one fixed policy and the rise is sampling noise: a mean of 8 x 16
-    # samples has a standard error near 0.05, so 0.1 is two of them. AGRPO raises it by far more.
+    # With lr 0 the rewards are draws from one fixed policy and the rise (last 6 steps' mean minus the first 6's)
+    # is sampling noise: over seeds 333, 1 and 2 it was -0.10 to -0.01, while AGRPO raised it by 0.15 to 0.35.
     assert rise(trained) > 0.1 > rise(frozen), (trained, frozen)
 
 
