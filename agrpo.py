@@ -9,9 +9,12 @@ Reference implementation of "Simple Policy Gradients for Reasoning with Diffusio
   3. Advantages        rewards (reward.py) and group-relative advantages
   4. Policy gradient   the amortized Monte Carlo estimator, importance sampling over timesteps
   5. Training loop     the authors' recipe, on one GPU or many (torchrun)
-  6. Evaluation        greedy decoding of the test split at one or several step counts
+  6. Evaluation        decoding of the test split (the authors': greedy) at one or several step counts
   7. Runs              a directory a run, atomic checkpoints, exact resume, Ctrl-C, curves, export
   8. Command line      flags, config files, the toy preset, clear errors, main
+
+Sections 0 and 2-5 hold the method, about 580 lines; a first reading can stop after 5. The toy supervised
+warm-up (end of section 1) is not part of AGRPO: it only gives the CPU demo a model that earns some reward.
 
 `python agrpo.py --help` explains every flag; `python agrpo.py --task countdown --model toy --device cpu`
 runs the whole method offline on a CPU and shows it learning.
