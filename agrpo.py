@@ -1,23 +1,20 @@
 """AGRPO: policy gradients for masked diffusion language models, in one file.
 
 Reference implementation of "Simple Policy Gradients for Reasoning with Diffusion Language Models"
-(A. Zhan, arXiv 2510.04019). The method comes first, in the order of the paper's argument; the plumbing after:
+(A. Zhan, arXiv 2510.04019). The method comes first, in the order of the paper's argument:
 
-  0. Config            every hyperparameter, the authors' settings as defaults
-  1. Loading           LLaDA-8B-Instruct (or an offline toy model), plain LoRA
-  2. Sampler           generation as a Markov decision process over denoising steps
-  3. Advantages        rewards (reward.py) and group-relative advantages
-  4. Policy gradient   the amortized Monte Carlo estimator, importance sampling over timesteps
-  5. Training loop     the authors' recipe, on one GPU or many (torchrun)
-  6. Evaluation        decoding of the test split (the authors': greedy) at one or several step counts
-  7. Runs              a directory a run, atomic checkpoints, exact resume, Ctrl-C, curves, export
-  8. Command line      flags, config files, the toy preset, clear errors, main
+  1. Config           every hyperparameter, the authors' settings as defaults
+  2. Loading          LLaDA-8B-Instruct, plain LoRA
+  3. Sampler          generation as a Markov decision process over denoising steps
+  4. Advantages       rewards (reward.py) and group-relative advantages
+  5. Policy gradients AGRPO's amortized Monte Carlo estimator, and beside it the baseline the paper argues
+                      against, diffu-GRPO's one-step mean-field estimate
+  6. Training         the training step and the loop, on one GPU or many (torchrun)
+  7. Evaluation       decoding of the test split at one or several step counts
 
-Sections 0 and 2-5 hold the method, about 580 lines; a first reading can stop after 5. The toy supervised
-warm-up (end of section 1) is not part of AGRPO: it only gives the CPU demo a model that earns some reward.
-
-`python agrpo.py --help` explains every flag; `python agrpo.py --task countdown --model toy --device cpu`
-runs the whole method offline on a CPU and shows it learning.
+The plumbing follows, none of it AGRPO: the offline toy model and its supervised warm-up, runs and
+checkpoints, Ctrl-C, curves, the command line. `python agrpo.py --help` explains every flag;
+`python agrpo.py --task countdown --model toy --device cpu` runs the whole method offline on a CPU.
 """
 import argparse
 import contextlib
@@ -48,7 +45,7 @@ import reward
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 0. Config: every hyperparameter, the authors' settings as defaults
+# 1. Config: every hyperparameter, the authors' settings as defaults
 def arg(default, help, group=None):
     """A field of Args: its default and its --help text; `group` starts a new --help section at this field."""
     return field(default=default, metadata={"help": help, "group": group})
@@ -78,21 +75,24 @@ class Args:
     lora_alpha: float = arg(64.0, "LoRA alpha (the update is scaled by alpha / r).")
     lora_dropout: float = arg(0.0, "Dropout on the LoRA input.")
     lora_targets: str = arg("q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out",
-                            "Comma-separated names of the linear layers that get adapters (LLaDA's names).")
+                            "Comma-separated names of the linear layers that get adapters (LLaDA's names; the "
+                            "toy's are query,key,value,dense).")
     learning_rate: float = arg(5e-6, "AdamW peak learning rate.", group="optimisation")
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.99, "AdamW beta2.")
     weight_decay: float = arg(0.01, "AdamW weight decay.")
     max_grad_norm: float = arg(1.0, "Gradient-norm clip.")
     warmup_ratio: float = arg(0.01, "Share of the schedule warmed up linearly before the cosine decay.")
-    num_train_epochs: float = arg(5.0, "Passes over the training prompts (sets the number of steps).")
+    num_train_epochs: float = arg(5.0, "Passes over the training prompts (sets the number of steps unless "
+                                  "--max-steps does).")
     max_steps: Optional[int] = arg(None, "Training steps; default: as many as --num-train-epochs takes.")
     prompts_per_step: int = arg(16, "Prompts per training step, over all processes (the authors: 16).")
     micro_batch_size: int = arg(8, "Completions per forward pass on one process (gradients accumulate).")
     update_schedule: Literal["paper", "released"] = arg(
-        "paper", "'paper': one optimizer update per batch. 'released': as the authors' released trainer runs, "
-                 "accumulate every micro-batch but a process's last, then update after each of its M sampled "
-                 "steps (see README).")
+        "paper", "'paper': one optimizer update per gradient step. 'released': as the authors' released "
+                 "trainer ran on 8 GPUs with gradient accumulation 2, whatever the number of processes here: "
+                 "accumulate the even micro-batches, then update after each sampled step of the odd ones "
+                 "(see README).")
     group_size: int = arg(8, "Completions per prompt, G.", group="rollouts (generation as a denoising MDP)")
     completion_length: int = arg(384, "Completion length C.")
     block_length: int = arg(12, "Semi-autoregressive block length BL.")
@@ -101,12 +101,17 @@ class Args:
     temperature: float = arg(0.6, "Sampling temperature (> 0 for training).")
     top_p: float = arg(0.99, "Nucleus truncation of the support (1 = off).")
     top_k: int = arg(150, "Top-k truncation of the support (0 = off).")
-    mc_samples: int = arg(24, "Sampled timesteps M per completion.", group="the estimator and the objective")
-    importance_sampling: Literal["entropy", "uniform"] = arg("entropy", "Distribution q over timesteps.")
-    low_discrepancy: bool = arg(True, "Stratify the batch's uniforms before the inverse CDF of q.")
+    estimator: Literal["agrpo", "diffu-grpo"] = arg(
+        "agrpo", "The policy gradient: AGRPO's unbiased Monte Carlo estimator, or d1's diffu-GRPO (one-step "
+                 "mean-field log-probs, biased), the baseline the paper improves on.",
+        group="the estimator and the objective")
+    mc_samples: int = arg(24, "AGRPO: sampled timesteps M per completion.")
+    importance_sampling: Literal["entropy", "uniform"] = arg("entropy", "AGRPO: distribution q over timesteps.")
+    low_discrepancy: bool = arg(True, "AGRPO: stratify the batch's uniforms before the inverse CDF of q.")
+    p_mask_prompt: float = arg(0.15, "diffu-GRPO: probability of masking each prompt token (d1's runs: 0.15).")
     epsilon: float = arg(0.2, "PPO clip range eps.")
     beta: float = arg(0.0, "Weight of the k3 KL to the reference (adapters off; needs --lora-rank > 0).")
-    num_iterations: int = arg(1, "Gradient steps per batch of rollouts.")
+    num_iterations: int = arg(1, "Gradient steps per batch of rollouts (diffu-GRPO's mu; d1: 12).")
     scale_rewards: Literal["none", "std"] = arg("none", "'std' divides advantages by the group std (GRPO); "
                                                 "the authors only centre them.")
     activation_checkpointing: bool = arg(False, "Recompute activations in the backward pass (saves memory).")
@@ -118,6 +123,8 @@ class Args:
     eval_block_length: int = arg(32, "Block length BL for evaluation.")
     eval_unmasking: Literal["random", "low_confidence"] = arg("low_confidence", "Unmasking for evaluation.")
     eval_temperature: float = arg(0.0, "Temperature for evaluation (0 = greedy).")
+    eval_top_p: float = arg(1.0, "Nucleus truncation for a sampled evaluation (1 = off).")
+    eval_top_k: int = arg(0, "Top-k truncation for a sampled evaluation (0 = off).")
     eval_batch_size: int = arg(16, "Test prompts per forward pass.")
     eval_examples: int = arg(0, "Evaluate on the first N test examples only (0: all).")
     output_dir: Optional[str] = arg(None, "The run's directory; default: a new runs/<task>-<date>-<time>.",
@@ -125,8 +132,8 @@ class Args:
     save_every: int = arg(15, "Save a checkpoint every N steps (and at the end; 0: only at the end).")
     keep_checkpoints: int = arg(3, "Keep the newest N checkpoints.")
     resume: Optional[str] = arg(None, "Continue a run with its saved settings (flags typed here override them): "
-                                "'latest' (the newest run under runs/, or --output-dir), a run directory or a "
-                                "checkpoint directory.")
+                                "'latest' (the newest run under runs/, of --task if typed, or --output-dir), a "
+                                "run directory or a checkpoint directory.")
     export: Optional[str] = arg(None, "Write the model (adapters merged, transformers format) to this new "
                                 "directory and exit; with --resume, the trained one.")
 
@@ -138,23 +145,39 @@ class Args:
 # `--model toy`: a CPU-sized run of a few minutes. These are its defaults; a flag typed on the command line still
 # wins. It evaluates, at the start and the end, the policy it trains (sampled at the training temperature, random
 # unmasking): AGRPO improves what the policy samples; greedy decoding of a model this small barely moves.
-TOY = dict(data="synthetic", device="cpu", dtype="float32", mask_token_id=2, lora_rank=0, learning_rate=6e-4,
-           max_steps=300, prompts_per_step=8, group_size=8, micro_batch_size=32, completion_length=24,
-           block_length=8, sampling_steps=12, mc_samples=4, top_k=0, top_p=1.0, temperature=1.0, eval_every=300,
-           eval_completion_length=24, eval_block_length=8, eval_sampling_steps="12", eval_unmasking="random",
-           eval_temperature=1.0, eval_batch_size=64)
+TOY = dict(data="synthetic", device="cpu", dtype="float32", mask_token_id=2, lora_rank=0,
+           lora_targets="query,key,value,dense", learning_rate=6e-4, max_steps=300, prompts_per_step=8,
+           group_size=8, micro_batch_size=32, completion_length=24, block_length=8, sampling_steps=12,
+           mc_samples=4, top_k=0, top_p=1.0, temperature=1.0, eval_every=300, eval_completion_length=24,
+           eval_block_length=8, eval_sampling_steps="12", eval_unmasking="random", eval_temperature=1.0,
+           eval_batch_size=64)
+
+
+class UsageError(Exception):
+    """A setting, file or environment that cannot work: main() prints its one sentence, without a traceback."""
+
+
+def require(ok, message):
+    if not ok:
+        raise UsageError(message)
 
 
 def check_geometry(C, BL, T, flags=("--completion-length", "--block-length", "--sampling-steps")):
-    """C/BL blocks, each revealed in T/(C/BL) steps of k = C/T tokens: raise ValueError naming the fix."""
-    if min(C, BL, T) <= 0 or C % BL or T % (C // BL) or BL % (T // (C // BL)):
-        raise ValueError(f"{flags[0]} {C}, {flags[1]} {BL}, {flags[2]} {T} do not fit: C must be a multiple of "
-                         "BL, T a multiple of the number of blocks C/BL, and each block's BL tokens must split "
-                         "evenly over its T/(C/BL) steps (e.g. C=384, BL=12, T=128)")
+    """C/BL blocks, each revealed in T/(C/BL) steps of k = C/T tokens; the error lists the values that fit."""
+    if min(C, BL, T) > 0 and C % BL == 0 and T % (C // BL) == 0 and BL % (T // (C // BL)) == 0:
+        return
+    if min(C, BL) <= 0 or C % BL:
+        fits = [str(b) for b in range(1, C + 1) if C % b == 0]
+        raise UsageError(f"{flags[1]} {BL} does not fit {flags[0]} {C}: the blocks must tile the completion "
+                         f"(BL dividing C: {', '.join(fits)})")
+    fits = [str(C // BL * d) for d in range(1, BL + 1) if BL % d == 0]
+    raise UsageError(f"{flags[2]} {T} does not fit {flags[0]} {C} and {flags[1]} {BL}: each of the C/BL = "
+                     f"{C // BL} blocks needs a whole number of steps revealing a whole number of its tokens "
+                     f"(T: {', '.join(fits)})")
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 1. Loading
+# 2. Loading: LLaDA-8B-Instruct, plain LoRA (the toy model is plumbing, after the method)
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) B A dropout(x), with W frozen and B = 0 at the start."""
 
@@ -182,13 +205,15 @@ def add_lora(model, args):
     """Freeze the model and wrap every linear layer named in --lora-targets (no peft needed)."""
     targets = set(args.lora_targets.split(","))
     model.requires_grad_(False)
-    hits = [(name, m) for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
-    if not hits:
-        raise ValueError(f"no linear layer of the model is named any of {sorted(targets)}; set --lora-targets")
+    linear = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    hits = [(name, m) for name, m in linear if name.rsplit(".", 1)[-1] in targets]
+    names = sorted({name.rsplit(".", 1)[-1] for name, _ in linear})
+    require(hits, f"--lora-targets {args.lora_targets}: no linear layer of this model has such a name; its "
+            f"layers are named {', '.join(names)} (pick some), or use --lora-rank 0 to train every weight")
     tied = [name for name, m in hits if m.weight is model.get_input_embeddings().weight]
-    if tied:  # merging an adapter into a tied output layer would change the input embeddings too
-        raise ValueError(f"{tied[0]} shares its weight with the input embeddings; leave it out of --lora-targets")
+    # merging an adapter into a tied output layer would change the input embeddings too
+    require(not tied, f"{tied and tied[0]} shares its weight with the input embeddings; leave it out of "
+            "--lora-targets")
     for name, module in hits:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child,
@@ -218,112 +243,9 @@ def merge_lora(model):
     return model
 
 
-def toy_model_and_tokenizer(seed: int):
-    """A tiny random bidirectional masked LM (BERT-shaped) and a character tokenizer, built offline. Numbers of
-    up to three digits and the answer tags are whole tokens, so the toy can copy them; decoding gives back the
-    same text. Toy prompts are the bare question: the chat template drops the system message, whose worked
-    examples a model this small cannot use (the real path sends it)."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
-
-    specials = ["<pad>", "<eos>", "<mask>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
-    chars, tags = [chr(c) for c in range(32, 127)] + ["\n"], ["<answer>", "</answer>"]
-    numbers = [f"{i:0{n}d}" for n in (2, 3) for i in range(10 ** n)]
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars + tags + numbers)},
-                                         unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?<![0-9])[0-9]{1,3}(?![0-9])|[\s\S]"), "isolated")
-    backend.decoder = decoders.Fuse()
-    backend.add_tokens(tags)
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", mask_token="<mask>", unk_token="<unk>",
-        additional_special_tokens=specials[4:], padding_side="left",
-        chat_template="{% for m in messages if m['role'] != 'system' %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
-                      "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    torch.manual_seed(seed)
-    # 8 heads and weights wider than BERT's 0.02: the warm-up learns to copy numbers within its 2,000 steps for
-    # every seed tried (with 4 heads, some seeds had not started to)
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=96, num_hidden_layers=2, num_attention_heads=8,
-                        intermediate_size=384, max_position_embeddings=1024, pad_token_id=0, initializer_range=0.1,
-                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                        eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa")
-    return BertForMaskedLM(config), tokenizer
-
-
-def toy_answer(task, example):
-    """A solved completion, in the format reward.py grades in full."""
-    if task == "countdown":
-        return f"<answer>{reward.solve_countdown(example['nums'], example['target'])} = {example['target']}</answer>"
-    return f"<answer>{example['answer']}</answer>"
-
-
-def warm_up_toy(model, tokenizer, args, batch=32, lr=2e-3):
-    """Not part of AGRPO: a short supervised start, so that the random toy model earns some reward and the
-    policy gradient has something to work on. It is LLaDA's own pre-training objective, masked diffusion, on
-    solved synthetic problems: each answer, padded with EOS to C, gets a fraction t of its tokens masked (t
-    stratified over the batch), and the model predicts them, the loss weighted by 1/t. AdamW, linear decay.
-    The weights are cached on disk, keyed by everything that determines them, and written atomically."""
-    C, steps = args.completion_length, args.toy_warmup_steps
-    key = repr((args.task, args.seed, steps, C, args.mask_token_id, args.eos_token_id, batch, lr,
-                model.config.to_json_string(), tokenizer.backend_tokenizer.to_str(), tokenizer.chat_template))
-    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "agrpo",
-                        f"toy-{args.task}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
-    if os.path.exists(path):
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return
-    n = min(steps * batch, reward.SYNTHETIC_TRAIN_SIZE)
-    examples = reward.load_examples(args.task, "train", "synthetic", n=n, seed=args.seed)
-    answers = tokenizer([toy_answer(args.task, ex) for ex in examples], add_special_tokens=False)["input_ids"]
-    answers = torch.tensor([(ids + [args.eos_token_id] * C)[:C] for ids in answers])
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
-    generator = torch.Generator().manual_seed(args.seed)
-    positions = torch.arange(C).expand(batch, -1)
-    for _ in tqdm(range(steps), desc="toy warm-up (not AGRPO)", disable=world()[0] > 0, leave=False):
-        rows = torch.randint(len(examples), (batch,), generator=generator)
-        prompt, prompt_mask = (v.cpu() for v in tokenize_prompts(tokenizer, [examples[i] for i in rows], args))
-        x0 = answers[rows]
-        t = ((torch.randperm(batch, generator=generator) + torch.rand(batch, generator=generator)) / batch)
-        t = t.clamp_min(1e-3)[:, None]
-        masked = torch.rand(x0.shape, generator=generator) < t
-        x = torch.cat([prompt, x0.masked_fill(masked, args.mask_token_id)], 1)
-        logits = logits_at(model, x, with_completion(prompt_mask, C), prompt.shape[1] + positions)
-        loss = nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none") * masked / t
-        (loss.sum() / x0.numel()).backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        torch.save(model.state_dict(), f"{path}.{os.getpid()}.tmp")
-        os.replace(f"{path}.{os.getpid()}.tmp", path)  # a reader never sees half a file
-    except OSError as e:
-        say(f"the toy warm-up is not cached ({e.strerror}: {e.filename}); the next run repeats it")
-
-
-def pretrained_class(name):
-    """AutoModel for LLaDA's remote code (its config maps AutoModel to the LM), AutoModelForMaskedLM for any
-    other masked LM, such as one --export wrote. Fails fast when the model is neither here nor reachable."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
-    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
-        raise ValueError(f"--model {name}: the directory holds no config.json; give a model directory or a hub id")
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=True, local_files_only=True)
-    except OSError:  # not on this machine: ask the hub once, before transformers retries it for a minute
-        import huggingface_hub
-        try:
-            huggingface_hub.model_info(name, timeout=10)
-        except Exception as e:
-            if getattr(e, "response", None) is None:  # no answer at all
-                raise ValueError(f"--model {name} is not on this machine and the Hugging Face Hub cannot be "
-                                 f"reached ({type(e).__name__}); check the network, or use --model toy for an "
-                                 "offline run") from None
-        config = AutoConfig.from_pretrained(name, trust_remote_code=True)
-    return AutoModel if "AutoModel" in (getattr(config, "auto_map", None) or {}) else AutoModelForMaskedLM
-
-
-def load_model_and_tokenizer(args):
-    """LLaDA-8B-Instruct (remote code, bf16), a model this program exported, or the toy model; fills
-    args.eos_token_id. Raises ValueError, one sentence, when the model cannot be loaded."""
+def load_model_and_tokenizer(args, warm_up=True):
+    """LLaDA-8B-Instruct (remote code, bf16), a model this program exported, or the toy model (with its
+    warm-up unless `warm_up` is off); fills args.eos_token_id. A model that cannot be loaded is a UsageError."""
     dtype = getattr(torch, args.dtype)
     if args.model == "toy":
         model, tokenizer = toy_model_and_tokenizer(args.seed)
@@ -333,33 +255,52 @@ def load_model_and_tokenizer(args):
             model_class = pretrained_class(args.model)
             tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True, padding_side="left")
             model = model_class.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
-        except (OSError, ImportError) as e:
-            raise ValueError(f"could not load --model {args.model} ({str(e).strip().splitlines()[0][:200]}); "
+        except (OSError, ImportError, ValueError) as e:
+            raise UsageError(f"could not load --model {args.model} ({str(e).strip().splitlines()[0][:200]}); "
                              "check the name, the network or HF_HOME, or use --model toy for an offline run") from None
     if args.eos_token_id is None:
         args.eos_token_id = model.config.eos_token_id if model.config.eos_token_id is not None \
             else tokenizer.eos_token_id
     vocabulary = model.get_input_embeddings().num_embeddings
-    if args.mask_token_id >= vocabulary:
-        raise ValueError(f"--mask-token-id {args.mask_token_id} is not in the model's vocabulary of {vocabulary}; "
-                         f"set it (the tokenizer's mask token is {tokenizer.mask_token_id})")
+    require(args.mask_token_id < vocabulary, f"--mask-token-id {args.mask_token_id} is not in the model's "
+            f"vocabulary of {vocabulary}; set it (the tokenizer's mask token is {tokenizer.mask_token_id})")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if args.model == "toy" and args.toy_warmup_steps:
+    if args.model == "toy" and args.toy_warmup_steps and warm_up:
         warm_up_toy(model, tokenizer, args)
     model = model.to(device=args.device, dtype=dtype)
     return (add_lora(model, args) if args.lora_rank > 0 else model), tokenizer
 
 
+def pretrained_class(name):
+    """AutoModel for LLaDA's remote code (its config maps AutoModel to the LM), AutoModelForMaskedLM for any
+    other masked LM, such as one --export wrote. Fails fast when the model is neither here nor reachable."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+    require(not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")),
+            f"--model {name}: the directory holds no config.json; give a model directory or a hub id")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=True, local_files_only=True)
+    except OSError:  # not on this machine: ask the hub once, before transformers retries it for a minute
+        import huggingface_hub
+        try:
+            huggingface_hub.model_info(name, timeout=10)
+        except Exception as e:
+            require(getattr(e, "response", None) is not None,  # no answer at all
+                    f"--model {name} is not on this machine and the Hugging Face Hub cannot be reached "
+                    f"({type(e).__name__}); check the network, or use --model toy for an offline run")
+        config = AutoConfig.from_pretrained(name, trust_remote_code=True)
+    return AutoModel if "AutoModel" in (getattr(config, "auto_map", None) or {}) else AutoModelForMaskedLM
+
+
 # ----------------------------------------------------------------------------------------------------------
-# 2. Masked diffusion sampler: generation as a Markov decision process over denoising steps
+# 3. Masked diffusion sampler: generation as a Markov decision process over denoising steps
 @dataclass
 class Rollout:
     """B completions of length C and, per completion token, what the policy gradient needs."""
     prompt_ids: torch.Tensor             # (B, P) left-padded prompts
     prompt_mask: Optional[torch.Tensor]  # (B, P) 1 on real prompt tokens (None: no padding in the batch)
     tokens: torch.Tensor                 # (B, C) completion ids
-    step: torch.Tensor                   # (B, C) denoising step t that revealed the token; T: EOS filler
+    revealed_at: torch.Tensor            # (B, C) the denoising step t that revealed the token; T: none (filler)
     positions: torch.Tensor              # (B, T, k) the k positions revealed at each step
     logp: torch.Tensor                   # (B, C) log pi_old(token | s_t), truncated and tempered
     entropy: torch.Tensor                # (B, C) entropy of that distribution
@@ -368,11 +309,6 @@ class Rollout:
 
     def __getitem__(self, rows):
         return Rollout(*(None if v is None else v[rows] for v in dataclasses.astuple(self)))
-
-
-def unwrap(model):
-    """The model itself, inside a DistributedDataParallel wrapper or not."""
-    return getattr(model, "module", model)
 
 
 def with_completion(prompt_mask, C, rows=slice(None)):
@@ -387,7 +323,7 @@ def with_completion(prompt_mask, C, rows=slice(None)):
 def logits_at(model, input_ids, attention_mask, positions):
     """Logits (B, n, V) at `positions` (B, n) only: the output layer is fed just those hidden states, so the
     full (B, length, V) logits tensor is never built. Works for any model whose output layer is a module."""
-    head = unwrap(model).get_output_embeddings()
+    head = model.get_output_embeddings()
     if head is None or isinstance(head, nn.Embedding):  # tied through F.linear: slice the full logits
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
         return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
@@ -460,10 +396,10 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
     dev = prompt_ids.device
     x = torch.cat([prompt_ids, torch.full((B, C), args.mask_token_id, device=dev)], 1)
     prompt_mask = None if prompt_mask.all() else prompt_mask  # unpadded: no mask, so fused attention kernels
-    step = torch.full((B, C), T, device=dev)
+    revealed_at = torch.full((B, C), T, device=dev)  # T: revealed by no step (yet)
     positions = torch.zeros(B, T, k, dtype=torch.long, device=dev)
     logp, entropy = torch.zeros(B, C, device=dev), torch.zeros(B, C, device=dev)
-    V = unwrap(model).get_input_embeddings().num_embeddings
+    V = model.get_input_embeddings().num_embeddings
     truncated = args.temperature > 0 and (args.top_p < 1 or 0 < args.top_k < V)
     support = torch.zeros(B, C, 0, dtype=torch.long, device=dev) if truncated else None  # widened as needed
     support_size = torch.ones(B, C, dtype=torch.long, device=dev)
@@ -479,11 +415,11 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
             # 3. k positions still masked (a sampled mask id counts as revealed): the most confident, or random
             priority = draw.confidence if args.unmasking == "low_confidence" else \
                 torch.rand(draw.confidence.shape, device=dev, generator=generator)
-            j = priority.masked_fill(step[rows, lo:hi] < T, -math.inf).topk(k, dim=-1).indices  # (R, k)
+            j = priority.masked_fill(revealed_at[rows, lo:hi] < T, -math.inf).topk(k, dim=-1).indices  # (R, k)
             # 4. reveal them, and record what the policy gradient needs
             r = rows[:, None]
             x[r, P + lo + j] = draw.tokens.gather(1, j)
-            step[r, lo + j], positions[rows, t] = t, lo + j
+            revealed_at[r, lo + j], positions[rows, t] = t, lo + j
             logp[r, lo + j], entropy[r, lo + j] = draw.logp.gather(1, j), draw.entropy.gather(1, j)
             support_size[r, lo + j] = draw.support_size.gather(1, j)
             if support is not None:
@@ -491,17 +427,17 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
                 support = nn.functional.pad(support, (0, max(K - support.shape[-1], 0)))
                 support[r, lo + j, :K] = draw.support.gather(1, j[..., None].expand(-1, -1, K))
             t += 1
-        # 5. a block that came out all EOS ends its row; the rest becomes EOS filler, never an action
+        # 5. a block that came out all EOS ends its row; the rest becomes EOS filler, revealed by no step
         done = (x[rows, P + lo:P + hi] == args.eos_token_id).all(-1)
         x[rows[done], P + hi:] = args.eos_token_id
         rows = rows[~done]
         if len(rows) == 0:
             break
-    return Rollout(prompt_ids, prompt_mask, x[:, P:], step, positions, logp, entropy, support, support_size)
+    return Rollout(prompt_ids, prompt_mask, x[:, P:], revealed_at, positions, logp, entropy, support, support_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 3. Rewards (reward.py) and group-relative advantages
+# 4. Rewards (reward.py) and group-relative advantages
 def grade(tokenizer, completions, examples, args):
     """Decode completions (N, C) and grade each with reward.py: a dict with the parts of the shaped reward
     ("format", "correct"), the evaluation score ("score", is_correct), the answer the grader read and the text."""
@@ -521,10 +457,10 @@ def group_advantages(rewards, group_size, scale="none"):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 4. The amortized Monte Carlo policy gradient, with importance sampling over timesteps
+# 5. Policy gradients: AGRPO's amortized Monte Carlo estimator, and diffu-GRPO's mean-field one beside it
 def trajectory_length(rollout, args):
     """L = (last step that revealed a non-EOS token) + 1; 0 for a completion of nothing but EOS."""
-    real = rollout.step.masked_fill(rollout.tokens == args.eos_token_id, -1)
+    real = rollout.revealed_at.masked_fill(rollout.tokens == args.eos_token_id, -1)
     return real.max(1).values + 1
 
 
@@ -539,8 +475,8 @@ def sample_timesteps(rollout, L, args, generator=None):
     live = torch.arange(T, device=dev) < L[:, None]  # steps 0..L-1
     if args.importance_sampling == "entropy":
         mass = torch.zeros(B, T, dtype=torch.float64, device=dev)
-        # the EOS filler (step T) lands on step T - 1 with entropy 0: it adds no mass
-        mass.scatter_add_(1, rollout.step.clamp(max=T - 1), rollout.entropy.double())
+        # the EOS filler (revealed at T, by no step) lands on step T - 1 with entropy 0: it adds no mass
+        mass.scatter_add_(1, rollout.revealed_at.clamp(max=T - 1), rollout.entropy.double())
         mass = (mass + 1e-8) * live  # + 1e-8: q(t) > 0 on every live step, as unbiasedness needs
     else:
         mass = live.double()
@@ -554,9 +490,9 @@ def sample_timesteps(rollout, L, args, generator=None):
 def step_logprobs(model, rollout, t, args):
     """log pi(x_i | s_t) of the k tokens each completion revealed at its step t (B,), under the recorded
     support and temperature. s_t is rebuilt by re-masking every token revealed at step >= t (the EOS
-    filler included, it is marked with step T). Returns log-probs and positions, both (B, k)."""
+    filler included: it is marked T). Returns log-probs and positions, both (B, k)."""
     pos = rollout.positions[torch.arange(len(t), device=t.device), t]
-    state = rollout.tokens.masked_fill(rollout.step >= t[:, None], args.mask_token_id)
+    state = rollout.tokens.masked_fill(rollout.revealed_at >= t[:, None], args.mask_token_id)
     ids = torch.cat([rollout.prompt_ids, state], 1)
     attention = with_completion(rollout.prompt_mask, state.shape[1])
     z = logits_at(model, ids, attention, rollout.prompt_ids.shape[1] + pos).float() / args.temperature
@@ -571,63 +507,98 @@ def step_logprobs(model, rollout, t, args):
     return z.gather(-1, token[..., None]).squeeze(-1) - norm, pos
 
 
-def agrpo_loss(model, rollout, advantages, args, generator=None, prompts=1, sync=True, after_backward=None):
-    """AGRPO's policy gradient for one micro-batch: sample M timesteps per completion, and for each rebuild
-    s_t, recompute the log-probs of the tokens revealed at t, form the PPO-clipped term (plus beta times the
-    k3 KL to the reference) and back-propagate at once, so memory stays flat in M.
-    Under DDP the gradients are all-reduced in the last backward pass only, and only if `sync`; with
-    `after_backward` (called after every backward: the released trainer's optimizer updates) in each one.
-    Returns metrics."""
-    M, G, k = args.mc_samples, args.group_size, args.completion_length // args.sampling_steps
-    L = trajectory_length(rollout, args)
-    t, weight = sample_timesteps(rollout, L, args, generator)
-    adv = advantages[:, None].expand(-1, k)
-    sums = {name: torch.zeros((), device=L.device) for name in ("loss", "clip_low", "clip_high", "kl")}
-    ratio_max_dev = torch.zeros((), device=L.device)
-    raw = unwrap(model)
-    for m in range(M):
-        all_reduce = sync and (m == M - 1 or after_backward is not None)
-        with contextlib.nullcontext() if all_reduce or raw is model else model.no_sync():
-            logp, pos = step_logprobs(model, rollout, t[:, m], args)
-            ratio = (logp - rollout.logp.gather(1, pos)).exp()
-            term = -torch.min(ratio * adv, ratio.clamp(1 - args.epsilon, 1 + args.epsilon) * adv)
-            if args.beta > 0:
-                with torch.no_grad(), adapters_off(raw):
-                    ref = step_logprobs(raw, rollout, t[:, m], args)[0]
-                kl = (ref - logp).exp() - (ref - logp) - 1
-                # times r: tokens drawn from pi_old, so E_old[r grad k3] is the gradient of KL(pi || ref)
-                term = term + args.beta * kl * ratio
-                sums["kl"] += kl.detach().mean() / M
-            # The loss: each completion's M weighted samples estimate its step average (1/L) sum_t of the
-            # terms of the tokens revealed at t; / G averages the group; / prompts averages this process's
-            # prompt groups (and DDP averages the processes): the step's gradient is a mean over its prompts.
-            loss = (term * weight[:, m, None]).sum() / (M * G * prompts)
-            loss.backward()
-        if after_backward is not None:
-            after_backward()
-        with torch.no_grad():
-            sums["loss"] += loss
-            sums["clip_low"] += ((ratio < 1 - args.epsilon) & (adv < 0)).float().mean() / M
-            sums["clip_high"] += ((ratio > 1 + args.epsilon) & (adv > 0)).float().mean() / M
-            ratio_max_dev = torch.maximum(ratio_max_dev, (ratio - 1).abs().max())
-    return dict(zip([*sums, "ratio_max_dev"], torch.stack([*sums.values(), ratio_max_dev]).tolist()))
+def clipped_surrogate(logp, old_logp, advantages, args):
+    """The per-token PPO-clipped term -min(r A, clip(r, 1 - eps, 1 + eps) A), r = exp(logp - logp_old); and r."""
+    ratio = (logp - old_logp).exp()
+    return -torch.min(ratio * advantages, ratio.clamp(1 - args.epsilon, 1 + args.epsilon) * advantages), ratio
+
+
+def k3(ref_logp, logp):
+    """The k3 estimate of KL(pi || ref) at a token drawn from pi."""
+    return (ref_logp - logp).exp() - (ref_logp - logp) - 1
+
+
+def agrpo_losses(model, rollout, advantages, args, generator=None):
+    """AGRPO's loss on a micro-batch, as M losses, one per sampled step, each to be back-propagated at once
+    (memory stays flat in M). For each: rebuild s_t, recompute the log-probs of the tokens revealed at t,
+    PPO-clip them (plus beta times the k3 KL to the reference), weight by 1 / (L q(t)). Over the M losses a
+    completion's terms estimate its step average (1/L) sum_t; the sum is over the micro-batch's groups, each
+    the mean of its G completions. Yields (loss, (r, A, k3) per token)."""
+    t, weight = sample_timesteps(rollout, trajectory_length(rollout, args), args, generator)
+    for m in range(args.mc_samples):
+        logp, pos = step_logprobs(model, rollout, t[:, m], args)
+        adv = advantages[:, None].expand_as(logp)
+        term, ratio = clipped_surrogate(logp, rollout.logp.gather(1, pos), adv, args)
+        kl = None
+        if args.beta > 0:
+            with torch.no_grad(), adapters_off(model):
+                ref = step_logprobs(model, rollout, t[:, m], args)[0]
+            kl = k3(ref, logp)
+            term = term + args.beta * kl * ratio  # times r: tokens drawn from pi_old, E_old[r grad k3] = grad KL
+        yield (term * weight[:, m, None]).sum() / (args.mc_samples * args.group_size), (ratio, adv, kl)
+
+
+# diffu-GRPO (d1, Zhao et al. 2025), the baseline the paper argues against, as d1's code computes it.
+def mask_prompt(prompt_ids, args, generator):
+    """diffu-GRPO's input noise: each prompt token (padding too) masked with probability p_mask_prompt."""
+    noise = torch.rand(prompt_ids.shape, device=prompt_ids.device, generator=generator)
+    return prompt_ids.masked_fill(noise < args.p_mask_prompt, args.mask_token_id)
+
+
+def mean_field_logprobs(model, masked_prompt, tokens, args):
+    """diffu-GRPO's estimate of log pi(x_i) at every completion position: one forward pass on the masked
+    prompt and an all-mask completion, log-softmax of the raw logits (temperature 1, no truncation, no
+    attention mask). Biased: it scores every token as if all were predicted at once from the prompt alone,
+    ignoring the order in which the sampler revealed them and the partly revealed states each was drawn in."""
+    P, C = masked_prompt.shape[1], tokens.shape[1]
+    ids = torch.cat([masked_prompt, torch.full_like(tokens, args.mask_token_id)], 1)
+    z = logits_at(model, ids, None, torch.arange(P, P + C, device=ids.device).expand(len(ids), -1)).float()
+    return z.gather(-1, tokens[..., None]).squeeze(-1) - z.logsumexp(-1)
+
+
+def token_shares(tokens, args):
+    """diffu-GRPO's token mean: the tokens up to and including a completion's first EOS count, each
+    1 / (the tokens its group of G counts); later tokens 0. `tokens` holds whole groups."""
+    eos = (tokens == args.eos_token_id).long()
+    counted = (eos.cumsum(1) - eos == 0).float()
+    per_group = counted.view(-1, args.group_size * tokens.shape[1]).sum(1)
+    return counted / per_group.repeat_interleave(args.group_size)[:, None]
+
+
+def diffu_grpo_losses(model, rollout, advantages, masked_prompt, old_logp, share, args):
+    """diffu-GRPO's loss on a micro-batch (one loss, one backward pass): the PPO-clipped term on the
+    mean-field log-probs, r against the same estimate under the weights that generated the batch (old_logp;
+    None with one gradient step per batch: r = 1), plus beta k3 to the reference without the ratio factor,
+    as d1 adds it; summed over groups, each a mean over its counted tokens (share). Yields (loss, stats)."""
+    logp = mean_field_logprobs(model, masked_prompt, rollout.tokens, args)
+    adv = advantages[:, None].expand_as(logp)
+    term, ratio = clipped_surrogate(logp, logp.detach() if old_logp is None else old_logp, adv, args)
+    kl = None
+    if args.beta > 0:
+        with torch.no_grad(), adapters_off(model):
+            ref = mean_field_logprobs(model, masked_prompt, rollout.tokens, args)
+        kl = k3(ref, logp)
+        term = term + args.beta * kl
+    counted = share > 0
+    yield (term * share).sum(), (ratio[counted], adv[counted], None if kl is None else kl[counted])
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 5. Training loop: the authors' recipe, on one GPU or many (torchrun)
+# 6. Training: the step and the loop, on one GPU or many (torchrun)
 def world():
     """(rank, number of processes); torchrun starts one process per GPU."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
 
 
-def keyed_seed(args, *key):
-    """A seed fixed by (seed, *key). Every draw of a step is keyed by the step and the global index of the
-    micro-batch, so results do not depend on the number of GPUs and a resumed run needs no RNG state."""
-    return random.Random(str((args.seed, *key))).getrandbits(63)
+def seed_of(args, purpose, *index):
+    """The seed of one random stream: its purpose ("rollout", "timesteps", "prompt mask", "dropout",
+    "evaluation") and its index (the training step, the global micro-batch, ...). Results do not depend on
+    the number of processes, and a resumed run needs no RNG state."""
+    return random.Random(str((args.seed, purpose, *index))).getrandbits(63)
 
 
-def keyed_generator(args, *key):
-    return torch.Generator(args.device).manual_seed(keyed_seed(args, *key))
+def stream(args, purpose, *index):
+    return torch.Generator(args.device).manual_seed(seed_of(args, purpose, *index))
 
 
 def synchronize(args):
@@ -660,45 +631,25 @@ def prompts_at(examples, seed, position, count):
             for p in range(position, position + count)]
 
 
-class Stop(Exception):
-    """Ctrl-C or SIGTERM came (stop_on_signals): raised where stopping loses at most the step in progress."""
-
-
-STOP_SIGNALS = []
-
-
-def check_stop(args):
-    """Raise Stop if a signal came, to this process or (under DDP) to any: all pass the same checks."""
-    stop = bool(STOP_SIGNALS)
-    if world()[1] > 1:
-        flag = torch.tensor(float(stop), device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag)
-    if stop:
-        raise Stop
-
-
-def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
-    """One AGRPO step on this process's share of whole prompt groups: generate G completions per prompt, grade
-    them, then num_iterations gradient steps. A Stop comes only before the first optimizer update, so an
-    abandoned step leaves the model and the optimizer as they were. Returns the step's metrics."""
+def rl_step(model, tokenizer, optimizer, schedule, prompts, args, step):
+    """One training step on this process's share of whole prompt groups: G completions per prompt, their
+    rewards and advantages, then num_iterations gradient steps of the chosen estimator. Returns the metrics."""
     rank, world_size = world()
-    batch = batch[rank * len(batch) // world_size:(rank + 1) * len(batch) // world_size]
-    G, mb, raw = args.group_size, args.micro_batch_size, unwrap(model)
-    examples = [ex for ex in batch for _ in range(G)]
-    first = rank * len(examples) // mb  # global index of this process's first micro-batch
+    mine = prompts[rank * len(prompts) // world_size:(rank + 1) * len(prompts) // world_size]
+    G, mb = args.group_size, args.micro_batch_size
+    examples = [ex for ex in mine for _ in range(G)]
+    n, first = len(examples) // mb, rank * len(examples) // mb  # micro-batches first .. first + n - 1 of all
+    rows = lambda j: slice(j * mb, (j + 1) * mb)
     clock = time.perf_counter()
-    raw.eval()
-    rollouts = []
-    for i in range(0, len(examples), mb):
-        check_stop(args)
-        rollouts.append(generate(raw, *tokenize_prompts(tokenizer, examples[i:i + mb], args), args,
-                                 keyed_generator(args, step, 0, first + i // mb)))
+    model.eval()
+    rollouts = [generate(model, *tokenize_prompts(tokenizer, examples[rows(j)], args), args,
+                         stream(args, "rollout", step, first + j)) for j in range(n)]
     synchronize(args)
     seconds = {"generate": time.perf_counter() - clock}
 
     clock = time.perf_counter()
-    graded = grade(tokenizer, torch.cat([r.tokens for r in rollouts]), examples, args)
+    tokens = torch.cat([r.tokens for r in rollouts])
+    graded = grade(tokenizer, tokens, examples, args)
     rewards = torch.tensor([g["format"] + g["correct"] for g in graded])
     advantages = group_advantages(rewards, G, args.scale_rewards).to(args.device)
     seconds["grade"] = time.perf_counter() - clock
@@ -706,46 +657,86 @@ def rl_step(model, tokenizer, optimizer, schedule, batch, args, step):
     clock = time.perf_counter()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    grad_norms = []
+    masked = lambda j, i: mask_prompt(rollouts[j].prompt_ids, args, stream(args, "prompt mask", step, i, first + j))
+    old = {}  # diffu-GRPO's estimate under the weights that generated the batch, for each iteration's mask
+    if args.estimator == "diffu-grpo" and args.num_iterations > 1:
+        with torch.no_grad():
+            old = {(j, i): mean_field_logprobs(model, masked(j, i), rollouts[j].tokens, args)
+                   for i in range(args.num_iterations) for j in range(n)}
+    share = token_shares(tokens, args) if args.estimator == "diffu-grpo" else None
+
+    def losses(j, iteration):  # the micro-batch's losses, one per backward pass
+        rollout, adv = rollouts[j], advantages[rows(j)]
+        if args.estimator == "agrpo":
+            return agrpo_losses(model, rollout, adv, args, stream(args, "timesteps", step, iteration, first + j))
+        return diffu_grpo_losses(model, rollout, adv, masked(j, iteration), old.get((j, iteration)),
+                                 share[rows(j)], args)
+
+    stats, grad_norms = [], []
+
+    def backward(loss, per_token):
+        (loss / args.prompts_per_step).backward()  # / all the step's prompts: the gradient is their mean
+        ratio, adv, kl = per_token
+        with torch.no_grad():
+            stats.append(torch.stack([loss / args.prompts_per_step, ((ratio < 1 - args.epsilon) & (adv < 0))
+                                      .float().mean(), ((ratio > 1 + args.epsilon) & (adv > 0)).float().mean(),
+                                      ratio.new_zeros(()) if kl is None else kl.mean(), (ratio - 1).abs().max()]))
 
     def update():
+        all_reduce_gradients(trainable)
         grad_norms.append(nn.utils.clip_grad_norm_(trainable, args.max_grad_norm))
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    # The released trainer (8 processes x 2 micro-batches) updates after each backward pass of every
+    # process's second micro-batch: here, of every odd one, whatever the number of processes.
+    late = [j for j in range(n) if args.update_schedule == "released" and (first + j) % 2]
     for iteration in range(args.num_iterations):
-        losses = []  # the metrics of the last iteration are the ones reported
-        for i, rollout in enumerate(rollouts):
-            if iteration == 0:
-                check_stop(args)
-            last = i == len(rollouts) - 1
-            released = last and args.update_schedule == "released"  # an update after every sampled step
-            losses.append(agrpo_loss(model, rollout, advantages[i * mb:(i + 1) * mb], args,
-                                     keyed_generator(args, step, 1 + iteration, first + i), prompts=len(batch),
-                                     sync=last, after_backward=update if released else None))
+        stats.clear()  # the metrics of the last iteration are the ones reported
+        for j in range(n):
+            if j not in late:
+                for loss in losses(j, iteration):
+                    backward(*loss)
         if args.update_schedule == "paper":
-            update()  # one update per batch, as the paper describes
+            update()
+        else:
+            pending = [losses(j, iteration) for j in late]
+            for _ in range(args.mc_samples if args.estimator == "agrpo" else 1):
+                for micro_batch in pending:
+                    backward(*next(micro_batch))
+                update()
         schedule.step()  # once per iteration in both schedules: the released one's updates share one rate
     synchronize(args)
     seconds["train"] = time.perf_counter() - clock
 
     spread = rewards.view(-1, G).std(1)
     mean = lambda key: sum(g[key] for g in graded) / len(graded)
+    loss, clip_low, clip_high, kl, ratio_max_dev = torch.stack(stats).T if stats else torch.zeros(5, 1)
     metrics = {"reward": rewards.mean(), "reward_format": mean("format"), "reward_correct": mean("correct"),
                "accuracy": mean("score"), "reward_std": spread.mean(), "zero_spread_groups": (spread == 0).double()
                .mean(), "advantage_abs": advantages.abs().mean(), "advantage_min": advantages.min(),
-               "advantage_max": advantages.max(), "completion_length": torch.cat(
-                   [(r.tokens != args.eos_token_id).sum(1) for r in rollouts]).double().mean(),
-               "loss": sum(m["loss"] for m in losses), "grad_norm": torch.stack(grad_norms).mean(),
-               "lr": schedule.get_last_lr()[0], **{f"seconds_{k}": v for k, v in seconds.items()}}
-    metrics.update({k: sum(m[k] for m in losses) / len(losses) for k in ("clip_low", "clip_high", "kl")})
+               "advantage_max": advantages.max(), "completion_length": (tokens != args.eos_token_id).sum(1)
+               .double().mean(), "loss": loss.sum() * world_size,  # x processes: the mean below is their sum
+               "clip_low": clip_low.mean(), "clip_high": clip_high.mean(), "kl": kl.mean(),
+               "grad_norm": torch.stack(grad_norms).mean(), "lr": schedule.get_last_lr()[0],
+               **{f"seconds_{k}": v for k, v in seconds.items()}}
     metrics = mean_over_ranks(metrics, args)
-    metrics["ratio_max_dev"] = max_over_ranks(max(m["ratio_max_dev"] for m in losses), args)
+    metrics["ratio_max_dev"] = max_over_ranks(ratio_max_dev.max(), args)
     metrics["tokens_per_second"] = (args.prompts_per_step * G * args.completion_length /  # all processes'
                                     sum(metrics[f"seconds_{k}"] for k in seconds))
     if args.device.startswith("cuda"):
         metrics["peak_memory_gb"] = max_over_ranks(torch.cuda.max_memory_allocated() / 1e9, args)
     return metrics
+
+
+def all_reduce_gradients(params):
+    """DDP by hand: each gradient becomes the sum of every process's (each loss was divided by the step's
+    prompts over all processes, so the sum is the step's mean gradient)."""
+    if world()[1] > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
 
 
 def mean_over_ranks(metrics, args):
@@ -765,52 +756,51 @@ def max_over_ranks(value, args):
 
 
 def train(model, tokenizer, train_examples, test_examples, args):
-    """The loop: AGRPO steps, evaluations, metrics and checkpoints, from the start or from --resume."""
+    """The loop: training steps, evaluations, metrics and checkpoints, from the start or from --resume."""
     from transformers import get_cosine_schedule_with_warmup
     rank, world_size = world()
     total_steps = args.max_steps or math.ceil(args.num_train_epochs * len(train_examples) / args.prompts_per_step)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable if world_size > 1 else []:  # every process starts from the first one's weights
+        dist.broadcast(p.data, 0)
     optimizer = torch.optim.AdamW(trainable, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                   weight_decay=args.weight_decay)
     updates = total_steps * args.num_iterations  # scheduler steps: one per gradient step on a batch
     schedule = get_cosine_schedule_with_warmup(optimizer, math.ceil(args.warmup_ratio * updates), updates)
     step, prompts_seen, elapsed = 0, 0, 0.0
     if is_checkpoint(args.resume):
-        require(os.path.samefile(args.resume, checkpoints(args.output_dir)[-1]), f"{args.resume} is not the "
-                f"newest checkpoint of {args.output_dir}, and going on from it would overwrite the newer ones; "
-                "resume the newest, or use this one with --eval-only or --export")
-        step, prompts_seen, elapsed = load_checkpoint(args.resume, model, args, optimizer, schedule)
+        step, prompts_seen, elapsed = resume_training(model, optimizer, schedule, total_steps, args)
     done = saved = step
-    if world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model)
     log_path = os.path.join(args.output_dir, "metrics.jsonl")
     if rank == 0:
         forget_after(log_path, step)
-    say(f"AGRPO on {args.task}: steps {step + 1}..{total_steps} of {args.prompts_per_step} prompts x "
+    say(f"{args.estimator} on {args.task}: steps {step + 1}..{total_steps} of {args.prompts_per_step} prompts x "
         f"{args.group_size} completions on {world_size} process(es), {sum(p.numel() for p in trainable):,} "
         f"trainable parameters; run directory {args.output_dir}")
     started = time.time() - elapsed
-    bar = tqdm(range(step + 1, total_steps + 1), desc="AGRPO", dynamic_ncols=True, disable=rank > 0)
+    bar = tqdm(range(step + 1, total_steps + 1), desc=args.estimator, dynamic_ncols=True, disable=rank > 0)
     try:
         if args.eval_every and step == 0:  # the starting point of the curve
             log_metrics(log_path, 0, evaluate_all(model, tokenizer, test_examples, args, 0))
         for step in bar:
-            torch.manual_seed(keyed_seed(args, step, rank))  # LoRA dropout, seeded per (step, process)
+            stop_if_asked(args)  # Ctrl-C: the loop stops between steps
+            torch.manual_seed(seed_of(args, "dropout", step, rank))  # LoRA dropout
             batch = prompts_at(train_examples, args.seed, prompts_seen, args.prompts_per_step)
-            metrics = rl_step(model, tokenizer, optimizer, schedule, batch, args, step)  # Stop: step abandoned
+            metrics = rl_step(model, tokenizer, optimizer, schedule, batch, args, step)
             done, prompts_seen = step, prompts_seen + args.prompts_per_step
             log_metrics(log_path, step, {**metrics, "prompts_seen": prompts_seen,
                                          "elapsed_seconds": time.time() - started})
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                             gen=f"{metrics['seconds_generate']:.1f}s", train=f"{metrics['seconds_train']:.1f}s")
-            if args.eval_every and (step % args.eval_every == 0 or step == total_steps):  # Stop: eval dropped
+            if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
                 log_metrics(log_path, step, evaluate_all(model, tokenizer, test_examples, args, step))
             if step == total_steps or (args.save_every and step % args.save_every == 0):
-                saved = save_checkpoint(model, optimizer, schedule, step, prompts_seen, time.time() - started, args)
+                saved = save_checkpoint(model, optimizer, schedule, step, prompts_seen, time.time() - started,
+                                        total_steps, args)
     except Stop:
         bar.close()
         if done > saved:
-            save_checkpoint(model, optimizer, schedule, done, prompts_seen, time.time() - started, args)
+            save_checkpoint(model, optimizer, schedule, done, prompts_seen, time.time() - started, total_steps, args)
         say(f"stopped by {signal.Signals(STOP_SIGNALS[0]).name} after step {done} of {total_steps}"
             f"{' (checkpoint saved)' if done > saved else ''}; resume with: {resume_command(args)}")
         raise SystemExit(128 + STOP_SIGNALS[0])
@@ -821,7 +811,7 @@ def train(model, tokenizer, train_examples, test_examples, args):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Evaluation (the authors': C=256, BL=32, T=128, low_confidence, greedy)
+# 7. Evaluation (the authors': C=256, BL=32, T=128, low_confidence, greedy)
 @torch.no_grad()
 def evaluate(model, tokenizer, examples, args, T, path):
     """Decode the test prompts with the evaluation settings in T denoising steps and grade them. Each process
@@ -830,21 +820,17 @@ def evaluate(model, tokenizer, examples, args, T, path):
     rank, world_size = world()
     eval_args = dataclasses.replace(args, completion_length=args.eval_completion_length, sampling_steps=T,
                                     block_length=args.eval_block_length, unmasking=args.eval_unmasking,
-                                    temperature=args.eval_temperature)
-    raw = unwrap(model).eval()
+                                    temperature=args.eval_temperature, top_p=args.eval_top_p, top_k=args.eval_top_k)
+    model.eval()
     mine, rows, seconds = examples[rank::world_size], [], 0.0
     # batches of prompts of similar length, so that few are padded (padding costs a mask: with_completion)
     prompts = tokenizer(prompt_texts(tokenizer, mine, args), add_special_tokens=False)["input_ids"]
     order = sorted(range(len(mine)), key=lambda j: len(prompts[j]))
-    shard = math.ceil(len(examples) / world_size)  # as many batches, hence stop checks, on every process
-    for i in tqdm(range(0, shard, args.eval_batch_size), desc=f"eval T={T}", disable=rank > 0, leave=False):
-        check_stop(args)
+    for i in tqdm(range(0, len(mine), args.eval_batch_size), desc=f"eval T={T}", disable=rank > 0, leave=False):
         index = order[i:i + args.eval_batch_size]
-        if not index:
-            continue
         chunk, clock = [mine[j] for j in index], time.perf_counter()
-        rollout = generate(raw, *tokenize_prompts(tokenizer, chunk, args), eval_args,
-                           keyed_generator(args, -1, T, rank, i))
+        rollout = generate(model, *tokenize_prompts(tokenizer, chunk, args), eval_args,
+                           stream(args, "evaluation", T, rank, i))
         synchronize(args)
         seconds += time.perf_counter() - clock
         lengths = (rollout.tokens != args.eos_token_id).sum(1).tolist()
@@ -875,8 +861,97 @@ def evaluate_all(model, tokenizer, examples, args, step, name="eval"):
     return metrics
 
 
+# ==========================================================================================================
+# Plumbing, not AGRPO: the offline toy model, runs and checkpoints, signals, curves, the command line.
+
 # ----------------------------------------------------------------------------------------------------------
-# 7. Runs and checkpoints: a directory a run, atomic saves, exact resume, Ctrl-C, curves, merged export
+# The toy model and its supervised warm-up (--model toy): a CPU demo, not part of the method
+def toy_model_and_tokenizer(seed: int):
+    """A tiny random bidirectional masked LM (BERT-shaped) and a character tokenizer, built offline. Numbers of
+    up to three digits and the answer tags are whole tokens, so the toy can copy them; decoding gives back the
+    same text. Toy prompts are the bare question: the chat template drops the system message, whose worked
+    examples a model this small cannot use (the real path sends it)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<mask>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
+    chars, tags = [chr(c) for c in range(32, 127)] + ["\n"], ["<answer>", "</answer>"]
+    numbers = [f"{i:0{n}d}" for n in (2, 3) for i in range(10 ** n)]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(specials + chars + tags + numbers)},
+                                         unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(r"(?<![0-9])[0-9]{1,3}(?![0-9])|[\s\S]"), "isolated")
+    backend.decoder = decoders.Fuse()
+    backend.add_tokens(tags)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="<eos>", mask_token="<mask>", unk_token="<unk>",
+        additional_special_tokens=specials[4:], padding_side="left",
+        chat_template="{% for m in messages if m['role'] != 'system' %}<|{{ m['role'] }}|>{{ m['content'] }}\n"
+                      "{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    torch.manual_seed(seed)
+    # 8 heads and weights wider than BERT's 0.02: the warm-up learns to copy numbers within its 2,000 steps for
+    # every seed tried (with 4 heads, some seeds had not started to)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=96, num_hidden_layers=2, num_attention_heads=8,
+                        intermediate_size=384, max_position_embeddings=1024, pad_token_id=0, initializer_range=0.1,
+                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                        eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa")
+    return BertForMaskedLM(config), tokenizer
+
+
+def toy_answer(task, example):
+    """A solved completion, in the format reward.py grades in full."""
+    if task == "countdown":
+        return f"<answer>{reward.solve_countdown(example['nums'], example['target'])} = {example['target']}</answer>"
+    return f"<answer>{example['answer']}</answer>"
+
+
+def warm_up_toy(model, tokenizer, args, batch=32, lr=2e-3):
+    """A short supervised start, so that the random toy model earns some reward and the policy gradient has
+    something to work on. It is LLaDA's own pre-training objective, masked diffusion, on solved synthetic
+    problems: each answer, padded with EOS to C, gets a fraction t of its tokens masked (t stratified over the
+    batch), and the model predicts them, the loss weighted by 1/t. AdamW, linear decay. The weights are cached
+    on disk, keyed by everything that determines them (settings, code, torch), and written atomically."""
+    C, steps = args.completion_length, args.toy_warmup_steps
+    code = b"".join(open(f, "rb").read() for f in (__file__, reward.__file__))
+    key = repr((args.task, args.seed, steps, C, args.mask_token_id, args.eos_token_id, batch, lr, torch.__version__,
+                torch.get_num_threads(), hashlib.sha256(code).hexdigest(), model.config.to_json_string(),
+                tokenizer.backend_tokenizer.to_str(), tokenizer.chat_template))
+    path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "agrpo",
+                        f"toy-{args.task}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
+    if os.path.exists(path):
+        model.load_state_dict(torch.load(path, weights_only=True))
+        return
+    n = min(steps * batch, reward.SYNTHETIC_TRAIN_SIZE)
+    examples = reward.load_examples(args.task, "train", "synthetic", n=n, seed=args.seed)
+    answers = tokenizer([toy_answer(args.task, ex) for ex in examples], add_special_tokens=False)["input_ids"]
+    answers = torch.tensor([(ids + [args.eos_token_id] * C)[:C] for ids in answers])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
+    generator = torch.Generator().manual_seed(args.seed)
+    positions = torch.arange(C).expand(batch, -1)
+    for _ in tqdm(range(steps), desc="toy warm-up (not AGRPO)", disable=world()[0] > 0, leave=False):
+        rows = torch.randint(len(examples), (batch,), generator=generator)
+        prompt, prompt_mask = (v.cpu() for v in tokenize_prompts(tokenizer, [examples[i] for i in rows], args))
+        x0 = answers[rows]
+        t = ((torch.randperm(batch, generator=generator) + torch.rand(batch, generator=generator)) / batch)
+        t = t.clamp_min(1e-3)[:, None]
+        masked = torch.rand(x0.shape, generator=generator) < t
+        x = torch.cat([prompt, x0.masked_fill(masked, args.mask_token_id)], 1)
+        logits = logits_at(model, x, with_completion(prompt_mask, C), prompt.shape[1] + positions)
+        loss = nn.functional.cross_entropy(logits.transpose(1, 2), x0, reduction="none") * masked / t
+        (loss.sum() / x0.numel()).backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        torch.save(model.state_dict(), f"{path}.{os.getpid()}.tmp")
+        os.replace(f"{path}.{os.getpid()}.tmp", path)  # a reader never sees half a file
+    except OSError as e:
+        say(f"the toy warm-up is not cached ({e.strerror}: {e.filename}); the next run repeats it")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Runs and checkpoints: a directory a run, atomic saves, exact resume, merged export, the metrics log
 STRUCTURE = ("model", "task", "dtype", "lora_rank", "lora_alpha", "lora_targets")  # fixed for a run's life
 ACTIONS = ("resume", "export", "eval_only")  # what one command does: never taken from a saved run
 
@@ -907,20 +982,49 @@ def is_run(path):
     return os.path.isfile(os.path.join(path, "config.json")) or bool(checkpoints(path))
 
 
-def find_resume(resume, output_dir):
+def readable(checkpoint):
+    """Whether a checkpoint's files load: state.pt opened lazily (cheap), its fields there; args.json parsed."""
+    try:
+        state = torch.load(os.path.join(checkpoint, "state.pt"), map_location="cpu", weights_only=True, mmap=True)
+        with open(os.path.join(checkpoint, "args.json")) as f:
+            json.load(f)
+        return {"model", "optimizer", "schedule", "step", "prompts_seen"} <= set(state)
+    except Exception:
+        return False
+
+
+def run_setting(run, name):
+    try:
+        with open(os.path.join(run, "config.json")) as f:
+            return json.load(f).get(name)
+    except (OSError, ValueError):
+        return None
+
+
+def find_resume(resume, output_dir, task=None):
     """(run directory, checkpoint to continue from, or None to restart a run that has none) for --resume
-    latest (the run under runs/ written to last, or --output-dir) | RUN | CHECKPOINT."""
+    latest (the run under runs/ written to last, of `task` if given, or --output-dir) | RUN | CHECKPOINT.
+    Unreadable newest checkpoints are passed over, each with one printed line."""
     if is_checkpoint(resume):
+        require(readable(resume), f"checkpoint {resume} cannot be read (damaged or cut short); resume from an "
+                "earlier checkpoint of its run, or from the run directory (its newest readable checkpoint)")
         return os.path.dirname(os.path.normpath(resume)), resume
     if resume == "latest" and not output_dir:
         runs = [os.path.join("runs", d) for d in os.listdir("runs")] if os.path.isdir("runs") else []
-        require(any(map(is_run, runs)), "there is no run under runs/ to resume; give its directory, or drop --resume")
-        output_dir = max(filter(is_run, runs), key=lambda r: max(e.stat().st_mtime for e in os.scandir(r)))
+        runs = [r for r in runs if is_run(r) and task in (None, run_setting(r, "task"))]
+        require(runs, f"there is no run{f' of {task}' if task else ''} under runs/ to resume; give its directory, "
+                "or drop --resume")
+        output_dir = max(runs, key=lambda r: max(e.stat().st_mtime for e in os.scandir(r)))
     run = output_dir if resume == "latest" else resume
     require(is_run(run), f"--resume {resume}: {run} holds no run; give a run or checkpoint directory")
-    require(checkpoints(run) or resume != "latest", f"the newest run, {run}, has no checkpoint yet: restart it "
-            f"with --resume {run}, or start a new run without --resume")
-    return run, (checkpoints(run) or [None])[-1]
+    found = checkpoints(run)
+    require(found or resume != "latest", f"the newest run, {run}, has no checkpoint yet: restart it with "
+            f"--resume {run}, or start a new run without --resume")
+    good = [c for c in found if readable(c)]
+    require(good or not found, f"no checkpoint of {run} can be read; start a new run")
+    for bad in found[found.index(good[-1]) + 1:] if good else []:
+        say(f"resume: {bad} cannot be read (damaged or cut short); going on from {good[-1]}")
+    return run, (good or [None])[-1]
 
 
 def new_run_dir(task):
@@ -949,7 +1053,7 @@ def open_run(args):
     return args.output_dir
 
 
-def save_checkpoint(model, optimizer, schedule, step, prompts_seen, elapsed, args):
+def save_checkpoint(model, optimizer, schedule, step, prompts_seen, elapsed, total_steps, args):
     """output_dir/checkpoint-<step> (first process only): trainable weights (the adapters under LoRA),
     optimizer, schedule, step, data position, run time and the resolved settings. Written into a temporary
     directory, then renamed, so a crash or a full disk mid-write never leaves a checkpoint that loads wrong.
@@ -959,9 +1063,10 @@ def save_checkpoint(model, optimizer, schedule, step, prompts_seen, elapsed, arg
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
     try:
         os.makedirs(tmp, exist_ok=True)
-        torch.save({"model": {n: p.detach() for n, p in unwrap(model).named_parameters() if p.requires_grad},
+        torch.save({"model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
                     "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
-                    "prompts_seen": prompts_seen, "elapsed": elapsed}, os.path.join(tmp, "state.pt"))
+                    "prompts_seen": prompts_seen, "elapsed": elapsed, "total_steps": total_steps},
+                   os.path.join(tmp, "state.pt"))
         with open(os.path.join(tmp, "args.json"), "w") as f:
             json.dump(dataclasses.asdict(args), f, indent=1)
         os.replace(tmp, os.path.join(args.output_dir, f"checkpoint-{step}"))
@@ -973,33 +1078,52 @@ def save_checkpoint(model, optimizer, schedule, step, prompts_seen, elapsed, arg
 
 
 def load_checkpoint(path, model, args, optimizer=None, schedule=None):
-    """Restore a checkpoint's weights (and the optimizer and schedule, if given); returns (step, prompts seen,
-    seconds run)."""
+    """Restore a checkpoint's weights (and the optimizer and schedule, if given); returns its state's step,
+    prompts seen, seconds run and the training length it was saved with."""
     try:
         state = torch.load(os.path.join(path, "state.pt"), map_location=args.device, weights_only=True)
         weights, step, prompts_seen = state["model"], state["step"], state["prompts_seen"]
     except Exception as e:
-        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e)[:200]}); resume from "
-                         "an earlier one") from None
-    raw = unwrap(model)
-    require(set(weights) == {n for n, p in raw.named_parameters() if p.requires_grad}, f"checkpoint {path} "
+        raise UsageError(f"checkpoint {path} cannot be read ({type(e).__name__}); resume from an earlier "
+                         "checkpoint of its run") from None
+    require(set(weights) == {n for n, p in model.named_parameters() if p.requires_grad}, f"checkpoint {path} "
             "holds other trainable weights than this model; resume with the settings it was saved with")
-    raw.load_state_dict(weights, strict=False)
+    model.load_state_dict(weights, strict=False)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
-    return step, prompts_seen, state.get("elapsed", 0.0)
+    return step, prompts_seen, state.get("elapsed", 0.0), state.get("total_steps")
 
 
-def export(model, tokenizer, path):
+def resume_training(model, optimizer, schedule, total_steps, args):
+    """Restore args.resume to train on. Newer checkpoints of the run may only be unreadable ones: they are set
+    aside (renamed *.unreadable, nothing deleted), so that new ones can take their names. A run extended or
+    shortened gets its cosine schedule re-sized, in one printed line. Returns (step, prompts seen, seconds)."""
+    number = lambda checkpoint: int(os.path.normpath(checkpoint).rsplit("-", 1)[1])
+    newer = [c for c in checkpoints(args.output_dir) if number(c) > number(args.resume)]
+    require(not any(map(readable, newer)), f"{args.resume} is not the newest checkpoint of {args.output_dir}, and "
+            "going on from it would overwrite the newer ones; resume the newest, or use this one with "
+            "--eval-only or --export")
+    for checkpoint in newer if world()[0] == 0 else []:
+        os.replace(checkpoint, checkpoint + ".unreadable")
+    step, prompts_seen, elapsed, saved_total = load_checkpoint(args.resume, model, args, optimizer, schedule)
+    if saved_total not in (None, total_steps):
+        for group, lr_lambda in zip(optimizer.param_groups, schedule.lr_lambdas):
+            group["lr"] = group["initial_lr"] * lr_lambda(schedule.last_epoch)
+        say(f"resume: the cosine schedule is re-sized from {saved_total} to {total_steps} steps; step {step + 1} "
+            f"trains at learning rate {optimizer.param_groups[0]['lr']:.3g}")
+    return step, prompts_seen, elapsed
+
+
+def export(model, tokenizer, path, source):
     """Fold the adapters into the weights and write a transformers model that from_pretrained loads back
     (into a temporary directory, then renamed)."""
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    merge_lora(unwrap(model)).save_pretrained(tmp)
+    merge_lora(model).save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     os.replace(tmp, path)
-    say(f"exported the merged model to {path}")
+    say(f"exported {source}, adapters merged, to {path}")
 
 
 def log_metrics(log_path, step, metrics):
@@ -1009,11 +1133,21 @@ def log_metrics(log_path, step, metrics):
 
 
 def read_metrics(log_path):
-    """The metric lines of a run (a last line cut short by a crash is skipped)."""
-    if not os.path.exists(log_path):
-        return []
-    with open(log_path) as f:
-        return [json.loads(line) for line in f.read().splitlines(keepends=True) if line.endswith("\n")]
+    """The metric lines of a run; a line that is not JSON (a last line cut short by a crash, or a line
+    damaged by hand) is skipped, with one printed line naming it."""
+    rows = []
+    if os.path.exists(log_path):
+        with open(log_path) as f:
+            for number, line in enumerate(f, 1):
+                try:
+                    row = json.loads(line)
+                except ValueError:
+                    row = None
+                if isinstance(row, dict) and "step" in row and line.endswith("\n"):
+                    rows.append(row)
+                elif line.endswith("\n"):  # (a last line without its newline was cut short: skipped quietly)
+                    say(f"{log_path}, line {number}: not a metrics line; skipped")
+    return rows
 
 
 def forget_after(log_path, step):
@@ -1028,17 +1162,37 @@ def resume_command(args):
     return f"{launcher} --resume {args.output_dir}"
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Ctrl-C and SIGTERM: stop between steps, save, say how to resume
+class Stop(Exception):
+    """Ctrl-C or SIGTERM came (stop_on_signals): raised between training steps."""
+
+
+STOP_SIGNALS = []
+
+
+def stop_if_asked(args):
+    """Raise Stop if a signal came, to this process or (under DDP) to any."""
+    stop = bool(STOP_SIGNALS)
+    if world()[1] > 1:
+        flag = torch.tensor(float(stop), device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag)
+    if stop:
+        raise Stop
+
+
 @contextlib.contextmanager
 def stop_on_signals():
-    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop at its next check_stop: the step in progress is
-    finished or abandoned, a checkpoint written and the resume command printed. A second signal stops at
-    once; the checkpoints already written are intact (they are written atomically)."""
+    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the step in progress: a checkpoint of it is
+    written and the resume command printed. A second signal stops at once; the checkpoints already written
+    are intact (they are written atomically)."""
     def ask(signum, frame):
         if STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
         STOP_SIGNALS.append(signum)
-        say(f"{signal.Signals(signum).name}: stopping at the next safe point (again to stop at once)")
+        say(f"{signal.Signals(signum).name}: stopping after the step in progress (again to stop at once)")
 
     STOP_SIGNALS.clear()
     previous = {s: signal.signal(s, ask) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -1049,6 +1203,8 @@ def stop_on_signals():
             signal.signal(s, handler)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Curves and the summary
 def plot_curves(run):
     """run/curves.svg: reward, accuracy, evaluation accuracy and completion length against the step, a picture
     any browser opens (nothing to install)."""
@@ -1099,7 +1255,7 @@ def summary(run, seconds):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 8. Command line: flags, config files, the toy preset, resumed settings, clear errors, main
+# The command line: flags, config files, the toy preset, resumed settings, one sentence per usage error
 def flag(name):
     return "--" + name.replace("_", "-")
 
@@ -1108,7 +1264,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message):  # one sentence through main, naming the nearest flag to a misspelt one
         typo = re.search(r"unrecognized arguments: (--[\w-]+)", message)
         near = difflib.get_close_matches(typo[1], self._option_string_actions, n=1) if typo else []
-        raise ValueError(message + (f" (did you mean {near[0]}?)" if near else "") + "; see --help")
+        raise UsageError(message + (f" (did you mean {near[0]}?)" if near else "") + "; see --help")
 
 
 def build_parser():
@@ -1121,15 +1277,16 @@ def build_parser():
                                 "authors' settings for LLaDA-8B-Instruct on a GPU.",
                     epilog="examples:\n  python agrpo.py --task countdown\n"
                            "  python agrpo.py --task countdown --model toy --device cpu\n"
+                           "  python agrpo.py --task countdown --model toy --device cpu --estimator diffu-grpo\n"
                            "  python agrpo.py my.yaml --learning-rate 1e-5\n  python agrpo.py --resume latest")
     parser.add_argument("config", nargs="?", help="a JSON or YAML file of settings, keys named as the flags "
                         "(with - or _); flags typed as well override it")
     group = parser
     for f in dataclasses.fields(Args):
         group = parser.add_argument_group(f.metadata["group"]) if f.metadata["group"] else group
-        default = "" if f.default is None else f" (default: {f.default}" + (
-            f"; toy: {TOY[f.name]})" if f.name in TOY else ")")
-        options = dict(help=(f.metadata["help"] + default).replace("%", "%%"))
+        shown = ([] if f.default is None else [f"default: {f.default}"]) + ([f"toy: {TOY[f.name]}"] if f.name in TOY
+                                                                              else [])
+        options = dict(help=(f.metadata["help"] + (f" ({'; '.join(shown)})" if shown else "")).replace("%", "%%"))
         if f.type is bool:
             options["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(f.type) is Literal:
@@ -1141,38 +1298,67 @@ def build_parser():
     return parser
 
 
-def config_flags(path):
-    """A JSON or YAML file of settings as flags, so that they are checked as typed ones are."""
+def read_config(parser, path, typed_before):
+    """The settings of a JSON or YAML file, keys named as the flags (with - or _), checked as typed flags are.
+    `typed_before`: the word typed before the file's name (a boolean flag given a value lands here)."""
     import yaml
-    with open(path) as f:
-        settings = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+    if not os.path.isfile(path):
+        boolean = parser._option_string_actions.get(typed_before)
+        hint = f"; {typed_before} takes no value: write {typed_before} or --no-{typed_before[2:]}" if isinstance(
+            boolean, argparse.BooleanOptionalAction) else ""
+        raise UsageError(f"{path}: {'a directory, not' if os.path.isdir(path) else 'no such'} config file{hint}")
+    kind = "JSON" if path.endswith(".json") else "YAML"
+    try:
+        with open(path) as f:
+            settings = json.load(f) if kind == "JSON" else yaml.safe_load(f)
+    except (ValueError, yaml.YAMLError) as e:
+        mark = getattr(e, "problem_mark", None)
+        line = getattr(e, "lineno", None) or (mark.line + 1 if mark else "?")
+        raise UsageError(f"{path} is not valid {kind} (line {line}: {getattr(e, 'msg', None) or getattr(e, 'problem', e)}"
+                         "); fix it, or type the settings as flags") from None
     require(isinstance(settings, dict), f"{path} should hold a mapping of settings, like learning_rate: 1.0e-5")
-    flags = []
+    fields = {f.name: f for f in dataclasses.fields(Args)}
+    flags, nulls = [], {}
     for key, value in settings.items():
-        if isinstance(value, bool):
-            flags.append(flag(str(key)) if value else "--no-" + flag(str(key))[2:])
-        elif value is not None:
-            flags += [flag(str(key)), str(value)]
-    return flags
+        name = str(key).replace("-", "_")
+        near = difflib.get_close_matches(name, fields, n=1)
+        require(name in fields, f"{path}: {key} is not a setting{f' (did you mean {near[0]}?)' if near else ''}; "
+                "see --help")
+        if value is None:
+            require(type(None) in typing.get_args(fields[name].type), f"{path}: {key} has no value; give one, or "
+                    "delete the line")
+            nulls[name] = None
+        elif fields[name].type is bool:
+            require(isinstance(value, bool), f"{path}: {key}: {value!r} is not true or false; write it unquoted")
+            flags.append(flag(name) if value else "--no-" + flag(name)[2:])
+        else:
+            flags += [flag(name), str(value)]
+    try:
+        return {**vars(parser.parse_args(flags)), **nulls}
+    except UsageError as e:
+        raise UsageError(f"{path}: {e}") from None
 
 
 def parse_args(argv=None):
-    """The settings, from the lowest priority to the highest: Args' defaults, the --model toy preset, a
-    resumed run's saved settings, a config file, the flags typed. Validated."""
+    """The settings, each layer over the ones before: Args' defaults, the --model toy preset, a resumed run's
+    saved settings, a config file, the flags typed (parsing returns only what was typed). Validated."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    typed = vars(parser.parse_args(sys.argv[1:] if argv is None else argv))  # only what was typed
-    if "config" in typed:
-        path = typed.pop("config")
-        try:
-            typed = {**vars(parser.parse_args(config_flags(path))), **typed}
-        except ValueError as e:
-            raise ValueError(f"{path}: {e}") from None
-    saved, run = {}, {}
-    if typed.get("resume"):
-        directory, checkpoint = find_resume(typed["resume"], typed.get("output_dir"))
-        saved = saved_settings(checkpoint or directory, typed)
-        run = dict(output_dir=directory, resume=checkpoint or directory)  # no checkpoint: restart the run
-    args = Args(**{**(TOY if {**saved, **typed}.get("model") == "toy" else {}), **saved, **typed, **run})
+    chosen = vars(parser.parse_args(argv))
+    if "config" in chosen:
+        path = chosen.pop("config")
+        chosen = {**read_config(parser, path, argv[argv.index(path) - 1] if argv.index(path) else ""), **chosen}
+    if "num_train_epochs" in chosen:  # asked for: it sets the length, over a preset's or a saved max_steps
+        chosen.setdefault("max_steps", None)
+    saved = {}
+    if chosen.get("resume"):
+        run, checkpoint = find_resume(chosen["resume"], chosen.get("output_dir"), chosen.get("task"))
+        require(os.path.abspath(chosen.get("output_dir") or run) == os.path.abspath(run), f"--output-dir "
+                f"{chosen.get('output_dir')}: a resumed run stays in its own directory, {run}; drop --output-dir")
+        saved = saved_settings(checkpoint or run, chosen)
+        chosen.update(output_dir=run, resume=checkpoint or run)  # no checkpoint: the run restarts
+        say(f"resume: {checkpoint or run} ({saved.get('task')}, {saved.get('estimator', 'agrpo')})")
+    args = Args(**{**(TOY if {**saved, **chosen}.get("model") == "toy" else {}), **saved, **chosen})
     validate(args)
     return args
 
@@ -1184,7 +1370,8 @@ def saved_settings(path, typed):
         with open(os.path.join(path, "args.json" if is_checkpoint(path) else "config.json")) as f:
             saved = json.load(f)
     except (OSError, ValueError) as e:
-        raise ValueError(f"the settings of {path} cannot be read ({e}); resume from another checkpoint") from None
+        raise UsageError(f"the settings of {path} cannot be read ({type(e).__name__}); resume from another "
+                         "checkpoint") from None
     saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)} - set(ACTIONS)}
     for name in sorted(set(typed) & set(saved) - {"output_dir"}):
         if typed[name] != saved[name]:
@@ -1194,23 +1381,19 @@ def saved_settings(path, typed):
     return saved
 
 
-def require(ok, message):
-    if not ok:
-        raise ValueError(message)
-
-
 def validate(args):
-    """Check every setting before anything runs; the first that cannot work raises ValueError naming the fix."""
+    """Check every setting before anything runs; the first that cannot work raises UsageError naming the fix."""
     bounds = [  # fields, test, what they must be
         (("prompts_per_step", "micro_batch_size", "mc_samples", "num_iterations", "eval_batch_size",
           "keep_checkpoints", "max_steps"), lambda v: v >= 1, "at least 1"),
-        (("mask_token_id", "eos_token_id", "train_examples", "eval_examples", "lora_rank", "top_k", "eval_every",
-          "save_every", "learning_rate", "weight_decay", "beta", "eval_temperature", "toy_warmup_steps"),
-         lambda v: v >= 0, "0 or more"),
+        (("mask_token_id", "eos_token_id", "train_examples", "eval_examples", "lora_rank", "top_k", "eval_top_k",
+          "eval_every", "save_every", "learning_rate", "weight_decay", "beta", "eval_temperature",
+          "toy_warmup_steps"), lambda v: v >= 0, "0 or more"),
         (("lora_alpha", "max_grad_norm", "num_train_epochs", "epsilon"), lambda v: v > 0, "more than 0"),
         (("temperature",), lambda v: v > 0, "more than 0 (greedy decoding, 0, is for --eval-temperature)"),
-        (("adam_beta1", "adam_beta2", "warmup_ratio", "lora_dropout"), lambda v: 0 <= v < 1, "in [0, 1)"),
-        (("top_p",), lambda v: 0 < v <= 1, "in (0, 1]"),
+        (("adam_beta1", "adam_beta2", "warmup_ratio", "lora_dropout", "p_mask_prompt"), lambda v: 0 <= v < 1,
+         "in [0, 1)"),
+        (("top_p", "eval_top_p"), lambda v: 0 < v <= 1, "in (0, 1]"),
         (("group_size",), lambda v: v >= 2, "at least 2 (advantages compare the completions of a prompt)")]
     for names, ok, what in bounds:
         for name in names:
@@ -1228,6 +1411,10 @@ def validate(args):
         check_geometry(args.eval_completion_length, args.eval_block_length, T,
                        ("--eval-completion-length", "--eval-block-length", "--eval-sampling-steps"))
     check_batch(args, 1)
+    require(args.update_schedule == "paper" or args.prompts_per_step * args.group_size // args.micro_batch_size
+            % 2 == 0, "--update-schedule released needs an even number of micro-batches a step (the authors' "
+            "run: 8 processes x 2); change --prompts-per-step or --micro-batch-size")
+    require(not (args.eval_only and args.export), "--eval-only and --export are two commands: run one, then the other")
     for name in ("output_dir", "export"):
         path = getattr(args, name)
         require(path is None or not os.path.isfile(path), f"{flag(name)} {path} is a file; give a directory")
@@ -1237,18 +1424,19 @@ def validate(args):
 
 def check_batch(args, world_size):
     """Whole prompt groups on every process, and micro-batches that split each process's completions."""
-    if args.prompts_per_step % world_size or args.prompts_per_step // world_size * args.group_size % \
-            args.micro_batch_size:
-        raise ValueError(f"{world_size} process(es) need --prompts-per-step divisible by {world_size} and "
-                         "--micro-batch-size dividing each process's prompts x --group-size; e.g. --prompts-per-"
-                         f"step {math.ceil(args.prompts_per_step / world_size) * world_size} --micro-batch-size "
-                         f"{args.group_size}")
+    require(args.prompts_per_step % world_size == 0 and args.prompts_per_step // world_size * args.group_size %
+            args.micro_batch_size == 0, f"{world_size} process(es) need --prompts-per-step divisible by "
+            f"{world_size} and --micro-batch-size dividing each process's prompts x --group-size; e.g. "
+            f"--prompts-per-step {math.ceil(args.prompts_per_step / world_size) * world_size} --micro-batch-size "
+            f"{args.group_size}")
 
 
 def setup(args):
-    """Everything that can fail for reasons outside the code, each failure one clear sentence (ValueError)."""
+    """Everything that can fail for reasons outside the code, each failure one clear sentence (UsageError)."""
     require(not args.device.startswith("cuda") or torch.cuda.is_available(), "CUDA is not available here. "
             "LLaDA-8B needs a GPU (see README); for an offline CPU run use --model toy --device cpu")
+    if args.model == "toy":  # tiny matrices gain nothing from threads, and one thread gives the same numbers anywhere
+        torch.set_num_threads(1)
     if "RANK" in os.environ and not dist.is_initialized():  # under torchrun: one process per GPU
         if args.device.startswith("cuda"):
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
@@ -1261,9 +1449,10 @@ def setup(args):
         test_examples = reward.load_examples(args.task, "test", args.data, n=args.eval_examples or None,
                                              gsm8k_test=args.gsm8k_test) if args.eval_every or args.eval_only else []
     except reward.DataUnavailable as e:
-        raise ValueError(str(e)) from None
+        raise UsageError(str(e)) from None
     require(train_examples or args.eval_only or args.export, f"no training examples for {args.task}")
-    model, tokenizer = load_model_and_tokenizer(args)
+    # a checkpoint without adapters holds every weight: the toy's warm-up would be overwritten
+    model, tokenizer = load_model_and_tokenizer(args, warm_up=not (is_checkpoint(args.resume) and not args.lora_rank))
     if args.activation_checkpointing:  # recompute activations in the backward pass: less memory, ~1/3 more time
         if hasattr(getattr(model, "model", None), "set_activation_checkpointing"):  # LLaDA's remote code
             model.model.set_activation_checkpointing("whole_layer")
@@ -1283,8 +1472,8 @@ def from_rank0(value):
 
 
 def main(argv=None):
-    """Train (or evaluate, or export) as the flags say. Expected failures end with one sentence, not a
-    traceback; Ctrl-C and SIGTERM save and print how to resume."""
+    """Train (or evaluate, or export) as the flags say. A usage error ends with one sentence, not a traceback
+    (any other exception keeps its traceback); Ctrl-C and SIGTERM save and print how to resume."""
     try:
         args = parse_args(argv)
         model, tokenizer, train_examples, test_examples = setup(args)
@@ -1292,7 +1481,8 @@ def main(argv=None):
         if (args.export or args.eval_only) and is_checkpoint(args.resume):  # training loads its own
             step = load_checkpoint(args.resume, model, args)[0]
         if args.export:
-            return export(model, tokenizer, args.export) if world()[0] == 0 else None
+            source = f"{args.resume} (step {step})" if is_checkpoint(args.resume) else args.model
+            return export(model, tokenizer, args.export, source) if world()[0] == 0 else None
         if not (args.eval_only and args.resume):  # evaluating a run only adds files to it
             args.output_dir = from_rank0(open_run(args) if world()[0] == 0 else None)
         with stop_on_signals():
@@ -1300,11 +1490,13 @@ def main(argv=None):
                 return evaluate_all(model, tokenizer, test_examples, args, step,
                                     name=f"eval-only-{time.strftime('%Y%m%d-%H%M%S')}")
             train(model, tokenizer, train_examples, test_examples, args)
-    except ValueError as e:
+    except UsageError as e:
         raise SystemExit(f"agrpo: {e}") from None
     except OSError as e:  # a full disk, a read-only or missing directory: what could not be done to which file
+        if not e.filename:
+            raise
         raise SystemExit(f"agrpo: cannot write {e.filename}: {(e.strerror or str(e)).lower()}; nothing saved "
-                         "before is lost" if e.filename else f"agrpo: {e}") from None
+                         "before is lost") from None
     except Stop:
         raise SystemExit(f"agrpo: stopped by {signal.Signals(STOP_SIGNALS[0]).name}; nothing was written")
     finally:

@@ -10,6 +10,7 @@
 import copy
 import dataclasses
 import glob
+import itertools
 import json
 import math
 import os
@@ -70,6 +71,17 @@ def prompt(batch, ids=(1, 2)):
     return p, torch.ones_like(p)
 
 
+def agrpo_backward(model, rollout, advantages, args, generator=None, prompts=1):
+    """Back-propagate AGRPO's M losses on a micro-batch (divided by the step's prompts, as the training step
+    does); returns the largest |r - 1| and whether the clip bound any token."""
+    deviation, clipped = 0.0, False
+    for loss, (ratio, adv, _) in agrpo.agrpo_losses(model, rollout, advantages, args, generator):
+        (loss / prompts).backward()
+        deviation = max(deviation, float((ratio.detach() - 1).abs().max()))
+        clipped |= bool(((ratio - 1).abs() > args.epsilon).any())
+    return deviation, clipped
+
+
 def flat_grad(model):
     g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in model.parameters()])
     model.zero_grad(set_to_none=True)
@@ -93,22 +105,22 @@ def z_scores(draws, expected, seed=0, directions=12):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 1a. Per trajectory: the mean of agrpo_loss's gradients is the step average (1/L) sum_t g_t
+# 1a. Per trajectory: the mean of AGRPO's gradients is the step average (1/L) sum_t g_t
 def plain_step_gradients(model, rollout, args):
     """g_t for every step t < L, the plain way: full logits of the rebuilt state, a boolean support mask."""
     B, C = rollout.tokens.shape
-    L = [max([int(s) + 1 for s, x in zip(rollout.step[b], rollout.tokens[b]) if x != args.eos_token_id], default=0)
+    L = [max([int(s) + 1 for s, x in zip(rollout.revealed_at[b], rollout.tokens[b]) if x != args.eos_token_id], default=0)
          for b in range(B)]
     grads = []
     for b in range(B):
         per_step = []
         for t in range(L[b]):
             state = rollout.tokens[b].clone()
-            state[rollout.step[b] >= t] = args.mask_token_id
+            state[rollout.revealed_at[b] >= t] = args.mask_token_id
             ids = torch.cat([rollout.prompt_ids[b], state])[None]
             logits = model(input_ids=ids).logits[0, rollout.prompt_ids.shape[1]:].float() / args.temperature
             total = 0
-            for i in (rollout.step[b] == t).nonzero().flatten():
+            for i in (rollout.revealed_at[b] == t).nonzero().flatten():
                 allowed = torch.ones(logits.shape[-1], dtype=torch.bool)
                 if rollout.support is not None:
                     allowed[:] = False
@@ -121,12 +133,12 @@ def plain_step_gradients(model, rollout, args):
 
 
 def estimator_draws(model, rollout, args, n, seed):
-    """n independent gradients of agrpo_loss (advantage 1, G = 1), each times -G."""
+    """n independent gradients of agrpo_losses (advantage 1, G = 1), each times -G."""
     gen = torch.Generator().manual_seed(seed)
     ones = torch.ones(rollout.tokens.shape[0])
     draws = []
     for _ in range(n):
-        agrpo.agrpo_loss(model, rollout, ones, args, gen)
+        agrpo_backward(model, rollout, ones, args, gen)
         draws.append(-flat_grad(model) * args.group_size)
     return torch.stack(draws)
 
@@ -145,7 +157,7 @@ def long_rollout():
 
 @pytest.mark.parametrize("sampling,low_discrepancy", [("uniform", False), ("entropy", False), ("entropy", True)])
 def test_estimator_unbiased_per_trajectory(long_rollout, sampling, low_discrepancy):
-    """For a fixed rollout, the mean of 300 agrpo_loss gradients is the step average (1/L) sum_t g_t computed
+    """For a fixed rollout, the mean of 300 AGRPO gradients is the step average (1/L) sum_t g_t computed
     step by step with full logits: uniform and entropy timestep sampling, with and without low discrepancy."""
     model, rollout, base, exact, _ = long_rollout
     args = dataclasses.replace(base, importance_sampling=sampling, low_discrepancy=low_discrepancy)
@@ -158,7 +170,7 @@ def test_a_uniform_at_the_top_of_its_range_still_draws_a_live_step(monkeypatch):
     one of 0..L-1, with a finite importance weight."""
     args = toy_args(completion_length=8, block_length=8, sampling_steps=8, mc_samples=1, low_discrepancy=False)
     entropy = torch.tensor([[0.3, 0.3, 0.3, 0.1, 0.2, 0.3, 0.3, 0.5]])  # one token a step, 8 steps
-    rollout = types.SimpleNamespace(step=torch.arange(8)[None], entropy=entropy, tokens=torch.ones(1, 8))
+    rollout = types.SimpleNamespace(revealed_at=torch.arange(8)[None], entropy=entropy, tokens=torch.ones(1, 8))
     L = agrpo.trajectory_length(rollout, args)
     top = 1 - 2 ** -53  # the largest float64 below 1
     monkeypatch.setattr(torch, "rand", lambda n, dtype=None, device=None, generator=None: torch.full((n,), top,
@@ -251,7 +263,7 @@ def policy_gradient_draws(model, args, groups, seed, baseline):
     A = agrpo.group_advantages(R, G) if baseline == "group" else R
     draws = []
     for g in range(groups):
-        agrpo.agrpo_loss(model, rollout[g * G:(g + 1) * G], A[g * G:(g + 1) * G], args, gen)
+        agrpo_backward(model, rollout[g * G:(g + 1) * G], A[g * G:(g + 1) * G], args, gen)
         draws.append(-flat_grad(model))
     return torch.stack(draws)
 
@@ -306,6 +318,116 @@ def test_planted_bias_is_rejected_whole_gradient(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------------
+# 1c. The baseline the paper argues against: diffu-GRPO's mean-field estimate is biased, AGRPO's is not
+def completion_probabilities(model, args, ids=(1, 2)):
+    """p(x) of every final completion x of the one-block sampler (one token a step, random order), summed over
+    the orders that reach it; detached."""
+    C, V, P, prefix, probs = args.completion_length, model.config.vocab_size, len(ids), torch.tensor(ids), {}
+
+    def walk(state, hidden, logp):  # (a sampled MASK id counts as revealed: positions are tracked, not ids)
+        if not hidden:
+            probs[tuple(state.tolist())] = probs.get(tuple(state.tolist()), 0.0) + float(logp.exp())
+            return
+        with torch.no_grad():
+            logq = (model(input_ids=torch.cat([prefix, state])[None]).logits[0, P:] / args.temperature).log_softmax(-1)
+        for i in hidden:
+            for v in range(V):
+                s = state.clone()
+                s[i] = v
+                walk(s, [h for h in hidden if h != i], logp + logq[i, v] - math.log(len(hidden)))
+    walk(torch.full((C,), MASK), list(range(C)), torch.zeros((), dtype=torch.float64))
+    return probs
+
+
+def exact_diffu_grpo_gradient(model, args, ids=(1, 2)):
+    """E[-grad of diffu-GRPO's loss] for a fixed baseline 0, no EOS and one iteration (r = 1): the sum over final
+    completions x and over the 2^P prompt masks of p(x) P(mask) R(x) grad (1/C) sum_i log softmax(logits_i)[x_i],
+    the logits of one forward pass on the masked prompt and an all-mask completion (written here plainly)."""
+    C, P, total = args.completion_length, len(ids), 0.0
+    probs = completion_probabilities(model, args, ids)
+    for masked in itertools.product([False, True], repeat=P):
+        chance = math.prod(args.p_mask_prompt if m else 1 - args.p_mask_prompt for m in masked)
+        noisy = torch.tensor([MASK if m else i for m, i in zip(masked, ids)])
+        logp = model(input_ids=torch.cat([noisy, torch.full((C,), MASK)])[None]).logits[0, P:].log_softmax(-1)
+        for x, p in probs.items():
+            total = total + chance * p * toy_reward(torch.tensor(x)) * logp[torch.arange(C), list(x)].sum() / C
+    return gradient(model, total)
+
+
+def estimator_gradient_draws(model, args, groups, seed):
+    """One -gradient per group of the estimator args.estimator chooses, as the training step computes it
+    (rewards as advantages: a fixed baseline 0; one iteration)."""
+    gen = torch.Generator().manual_seed(seed)
+    G = args.group_size
+    rollout = agrpo.generate(model, *prompt(groups * G), args, gen)
+    R = torch.tensor([toy_reward(x) for x in rollout.tokens])
+    share = agrpo.token_shares(rollout.tokens, args)
+    draws = []
+    for g in range(groups):
+        rows = slice(g * G, (g + 1) * G)
+        if args.estimator == "agrpo":
+            agrpo_backward(model, rollout[rows], R[rows], args, gen)
+        else:
+            masked = agrpo.mask_prompt(rollout.prompt_ids[rows], args, gen)
+            for loss, _ in agrpo.diffu_grpo_losses(model, rollout[rows], R[rows], masked, None, share[rows], args):
+                loss.backward()
+        draws.append(-flat_grad(model))
+    return torch.stack(draws)
+
+
+def test_diffu_grpo_is_biased_and_agrpo_is_not():
+    """The paper's claim, exactly. With no EOS, AGRPO's expected gradient is grad J / T (enumerated above), so
+    its mean over 300 sampled groups has no component orthogonal to the true policy gradient grad J. diffu-GRPO's
+    exact expectation (every completion, every prompt mask) points 49.7 degrees away from grad J on this toy
+    (seed 3; 25.6 and 5.7 degrees at seeds 1 and 2: its error depends on the model), and its sampled mean, which
+    matches that expectation (|z| < 4), shows the orthogonal component at |z| = 12.6 (asserted > 8), AGRPO's at
+    0.5 (< 4). The angle threshold of 30 degrees sits between 0 (AGRPO) and 49.7; both are exact, not noisy."""
+    model = tiny_model(seed=3, eos_bias=0.5)
+    args = toy_args(eos_token_id=99, p_mask_prompt=0.15)
+    true = gradient(model, exact_objectives(model, args)[0])  # grad J
+    biased = exact_diffu_grpo_gradient(model, args)
+    angle = math.degrees(math.acos(float(true @ biased / (true.norm() * biased.norm()))))
+    assert angle > 30, angle
+    away = biased - (biased @ true) / (true @ true) * true  # the part of diffu-GRPO's mean that is not grad J
+    away = away / away.norm()
+    diffu = estimator_gradient_draws(model, dataclasses.replace(args, estimator="diffu-grpo"), 300, seed=5)
+    ours = estimator_gradient_draws(model, args, 300, seed=5)
+    assert z_scores(diffu, biased).abs().max() < 4  # the code computes d1's estimator
+    z_away = lambda draws: float((draws.double() @ away.double()).mean() / ((draws.double() @ away.double()).std()
+                                                                           / math.sqrt(len(draws))))
+    assert abs(z_away(ours)) < 4 and abs(z_away(diffu)) > 8, (z_away(ours), z_away(diffu))
+
+
+def test_diffu_grpo_log_probs_are_one_masked_forward_and_one_iteration_has_ratio_1(toy):
+    """diffu-GRPO's per-token log-probs are log softmax of the raw logits of one forward pass on the masked prompt
+    and an all-mask completion (temperature 1, no truncation, whatever the sampler used), as computed here
+    directly; with one gradient step per batch its ratio is exactly 1, and the KL term takes no ratio factor."""
+    model, tokenizer = toy
+    args = toy_run_args(tokenizer, estimator="diffu-grpo", p_mask_prompt=0.5)
+    ids, mask = toy_prompts(tokenizer, ["12+7=", "12+7="])
+    rollout = agrpo.generate(model, ids, mask, args, torch.Generator().manual_seed(0))
+    masked = agrpo.mask_prompt(ids, args, torch.Generator().manual_seed(1))
+    assert (masked == args.mask_token_id).any() and (masked != args.mask_token_id).any()
+    C, P = args.completion_length, ids.shape[1]
+    full = model(input_ids=torch.cat([masked, torch.full((2, C), args.mask_token_id)], 1)).logits[:, P:]
+    direct = full.log_softmax(-1).gather(-1, rollout.tokens[..., None]).squeeze(-1)
+    assert torch.allclose(agrpo.mean_field_logprobs(model, masked, rollout.tokens, args), direct, atol=1e-5)
+    share = agrpo.token_shares(rollout.tokens, args)
+    (loss, (ratio, _, _)), = agrpo.diffu_grpo_losses(model, rollout, torch.tensor([1.0, -1.0]), masked, None,
+                                                     share, args)
+    assert torch.equal(ratio, torch.ones_like(ratio))
+    model.zero_grad(set_to_none=True)
+
+
+def test_token_shares_count_up_to_the_first_eos_per_group():
+    """diffu-GRPO's token mean: each completion's tokens up to and including its first EOS count, and each
+    group's counted tokens share a weight of 1 in all."""
+    tokens = torch.tensor([[5, 0, 5, 0], [5, 5, 5, 5], [0, 0, 0, 0], [5, 5, 0, 5]])  # EOS = 0, G = 2
+    share = agrpo.token_shares(tokens, toy_args(group_size=2))
+    assert torch.allclose(share, torch.tensor([[1 / 6, 1 / 6, 0, 0], [1 / 6] * 4, [1 / 4, 0, 0, 0], [1 / 4, 1 / 4, 1 / 4, 0]]))
+
+
+# ------------------------------------------------------------------------------------------------------------
 # 2. Sampler and trainer agree
 @pytest.fixture(scope="module")
 def toy():
@@ -339,9 +461,9 @@ def test_recomputed_logprobs_equal_recorded(toy, unmasking):
     for t in range(args.sampling_steps):
         logp, pos = agrpo.step_logprobs(model, rollout, torch.full((2,), t), args)
         assert torch.allclose(logp, rollout.logp.gather(1, pos), atol=1e-5), t
-    metrics = agrpo.agrpo_loss(model, rollout, torch.tensor([1.0, -1.0]), args, torch.Generator().manual_seed(1))
+    deviation, clipped = agrpo_backward(model, rollout, torch.tensor([1.0, -1.0]), args, torch.Generator().manual_seed(1))
     model.zero_grad(set_to_none=True)
-    assert metrics["ratio_max_dev"] < 1e-5 and metrics["clip_low"] == metrics["clip_high"] == 0
+    assert deviation < 1e-5 and not clipped
 
 
 def test_lean_logits_equal_full_logits(toy):
@@ -375,11 +497,11 @@ def test_sampler_invariants(toy):
         with torch.no_grad():
             model.cls.predictions.bias[tokenizer.eos_token_id] -= 6.0
     T, k, steps_per_block = 12, 2, 4
-    assert all(torch.equal(getattr(rollout, f), getattr(again, f)) for f in ("tokens", "step", "logp"))
-    assert not (rollout.step == T).all(1).any()
+    assert all(torch.equal(getattr(rollout, f), getattr(again, f)) for f in ("tokens", "revealed_at", "logp"))
+    assert not (rollout.revealed_at == T).all(1).any()
     exited = 0
     for b in range(8):
-        s, x = rollout.step[b], rollout.tokens[b]
+        s, x = rollout.revealed_at[b], rollout.tokens[b]
         filler = s == T
         if filler.any():  # early exit: filler starts at a block boundary after an all-EOS block, and is EOS
             start = int(filler.nonzero()[0])
@@ -399,7 +521,7 @@ def test_greedy_is_deterministic(toy):
     model, tokenizer = toy
     args = toy_run_args(tokenizer, temperature=0.0, unmasking="low_confidence")
     a, b = (agrpo.generate(model, *toy_prompts(tokenizer), args, torch.Generator().manual_seed(s)) for s in (0, 1))
-    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.step, b.step)
+    assert torch.equal(a.tokens, b.tokens) and torch.equal(a.revealed_at, b.revealed_at)
 
 
 def claimed_distribution(logits, temperature, top_k, top_p):
@@ -443,11 +565,11 @@ def test_low_confidence_reveals_the_most_confident_positions(toy):
     ids, mask = toy_prompts(tokenizer, ["12+7="])
     rollout = agrpo.generate(model, ids, mask, args)
     for t in range(3):  # the last step takes the 2 positions left
-        state = rollout.tokens[0].masked_fill(rollout.step[0] >= t, args.mask_token_id)
+        state = rollout.tokens[0].masked_fill(rollout.revealed_at[0] >= t, args.mask_token_id)
         with torch.no_grad():
             logits = model(input_ids=torch.cat([ids[0], state])[None]).logits[0, ids.shape[1]:]
         confidence = logits.log_softmax(-1).max(-1).values
-        revealed, masked = rollout.step[0] == t, rollout.step[0] >= t
+        revealed, masked = rollout.revealed_at[0] == t, rollout.revealed_at[0] >= t
         assert revealed.sum() == 2 and confidence[revealed].min() >= confidence[masked & ~revealed].max() - 1e-5
 
 
@@ -465,7 +587,7 @@ def test_ppo_clip_acts_on_both_sides():
         shifted.logp[0, position] -= math.log(ratio)  # pi_old as if the policy had moved by this ratio
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(agrpo, "sample_timesteps", t0)
-            agrpo.agrpo_loss(model, shifted, torch.tensor([advantage]), args)
+            agrpo_backward(model, shifted, torch.tensor([advantage]), args)
         expected = torch.zeros_like(grad_logp) if clipped else -advantage * ratio * grad_logp
         assert torch.allclose(flat_grad(model), expected, atol=1e-6), (advantage, ratio)
 
@@ -494,7 +616,7 @@ def test_kl_term_gradient_is_the_gradient_of_the_kl_to_the_reference():
     for v in range(4):
         rollout.tokens[0, 0] = v
         rollout.logp[0, 0] = agrpo.step_logprobs(model, rollout, t, args)[0].detach()
-        agrpo.agrpo_loss(model, rollout, torch.zeros(1), args, torch.Generator().manual_seed(0))
+        agrpo_backward(model, rollout, torch.zeros(1), args, torch.Generator().manual_seed(0))
         mean = mean + logpi[v].exp().detach() * flat_grad(model)
     assert expected.norm() > 1e-3 and torch.allclose(mean, expected, atol=1e-6)
 
@@ -505,7 +627,7 @@ def test_all_eos_completion_contributes_nothing():
     rollout = agrpo.generate(model, *prompt(2), args, torch.Generator().manual_seed(0))
     rollout.tokens[0] = EOS  # row 0: nothing but EOS, L = 0
     assert agrpo.trajectory_length(rollout, args)[0] == 0
-    agrpo.agrpo_loss(model, rollout[0:1], torch.tensor([1.0]), args, torch.Generator().manual_seed(0))
+    agrpo_backward(model, rollout[0:1], torch.tensor([1.0]), args, torch.Generator().manual_seed(0))
     assert flat_grad(model).abs().max() == 0
 
 
@@ -572,7 +694,7 @@ def test_attention_mask_only_for_padded_prompts(toy):
         for texts, padded in ((["12+7=", "12+7="], False), (["12+7=", "a longer prompt: 3*4"], True)):
             seen.clear()
             rollout = agrpo.generate(model, *toy_prompts(tokenizer, texts), args, torch.Generator().manual_seed(0))
-            agrpo.agrpo_loss(model, rollout, torch.tensor([1.0, -1.0]), args, torch.Generator().manual_seed(1))
+            agrpo_backward(model, rollout, torch.tensor([1.0, -1.0]), args, torch.Generator().manual_seed(1))
             model.zero_grad(set_to_none=True)
             assert len(seen) == args.sampling_steps + args.mc_samples and set(seen) == {padded}
     finally:
@@ -612,21 +734,23 @@ class RecordingAdamW(torch.optim.AdamW):
 
 
 def released_trainer_by_hand(model, optimizer, rollouts, advantages, args, step, prompts):
-    """The released trainer's updates written plainly: accumulate every micro-batch but the last, then in the
-    last an optimizer update after each sampled step's backward, each clipped."""
+    """The released trainer's updates written plainly, as its 8 processes x 2 micro-batches ran: accumulate the
+    even micro-batches, then, for each sampled step m, the odd micro-batches' backward passes of m and an
+    optimizer update, each clipped."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    G, n = args.group_size, len(rollouts)
-    for i, rollout in enumerate(rollouts[:-1]):
-        agrpo.agrpo_loss(model, rollout, advantages[i * G:(i + 1) * G], args,
-                         agrpo.keyed_generator(args, step, 1, i), prompts=prompts)
-    rollout, adv = rollouts[-1], advantages[(n - 1) * G:][:, None]
-    t, weight = agrpo.sample_timesteps(rollout, agrpo.trajectory_length(rollout, args), args,
-                                       agrpo.keyed_generator(args, step, 1, n - 1))
+    G = args.group_size
+    for i in range(0, len(rollouts), 2):
+        agrpo_backward(model, rollouts[i], advantages[i * G:(i + 1) * G], args,
+                       agrpo.stream(args, "timesteps", step, 0, i), prompts=prompts)
+    draws = {i: agrpo.sample_timesteps(rollouts[i], agrpo.trajectory_length(rollouts[i], args), args,
+                                       agrpo.stream(args, "timesteps", step, 0, i)) for i in range(1, len(rollouts), 2)}
     for m in range(args.mc_samples):
-        logp, pos = agrpo.step_logprobs(model, rollout, t[:, m], args)
-        ratio = (logp - rollout.logp.gather(1, pos)).exp()
-        term = -torch.min(ratio * adv, ratio.clamp(1 - args.epsilon, 1 + args.epsilon) * adv)
-        ((term * weight[:, m, None]).sum() / (prompts * args.mc_samples * G)).backward()
+        for i, (t, weight) in draws.items():
+            rollout, adv = rollouts[i], advantages[i * G:(i + 1) * G][:, None]
+            logp, pos = agrpo.step_logprobs(model, rollout, t[:, m], args)
+            ratio = (logp - rollout.logp.gather(1, pos)).exp()
+            term = -torch.min(ratio * adv, ratio.clamp(1 - args.epsilon, 1 + args.epsilon) * adv)
+            ((term * weight[:, m, None]).sum() / (prompts * args.mc_samples * G)).backward()
         torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -637,9 +761,9 @@ def test_released_schedule_updates_after_each_sampled_step(toy, monkeypatch):
     schedule takes one), and its weights equal those of the plain loop above fed the same draws."""
     monkeypatch.setattr(reward, "reward_parts", count_1)
     _, tokenizer = toy
-    examples = [{"question": q} for q in ("12+7=", "3*4=")]
-    args = toy_run_args(tokenizer, group_size=2, micro_batch_size=2, mc_samples=3, top_k=0, top_p=1.0,
-                        temperature=1.0, max_grad_norm=0.05, update_schedule="released")
+    examples = [{"question": q} for q in ("12+7=", "3*4=", "8-5=", "9*9=")]
+    args = toy_run_args(tokenizer, group_size=2, micro_batch_size=2, prompts_per_step=4, mc_samples=3, top_k=0,
+                        top_p=1.0, temperature=1.0, max_grad_norm=0.05, update_schedule="released")
     start = agrpo.toy_model_and_tokenizer(seed=0)[0]
     results = {}
     for schedule in ("paper", "released", "by hand"):
@@ -648,11 +772,11 @@ def test_released_schedule_updates_after_each_sampled_step(toy, monkeypatch):
         cosine = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1 / (1 + s))
         if schedule == "by hand":
             rollouts = [agrpo.generate(model.eval(), *agrpo.tokenize_prompts(tokenizer, [ex, ex], args), args,
-                                       agrpo.keyed_generator(args, 1, 0, i)) for i, ex in enumerate(examples)]
+                                       agrpo.stream(args, "rollout", 1, i)) for i, ex in enumerate(examples)]
             texts = tokenizer.batch_decode(torch.cat([r.tokens for r in rollouts]), skip_special_tokens=True)
             rewards = torch.tensor([count_1("", text, {})["correct"] for text in texts])
             model.train()
-            released_trainer_by_hand(model, optimizer, rollouts, agrpo.group_advantages(rewards, 2), args, 1, 2)
+            released_trainer_by_hand(model, optimizer, rollouts, agrpo.group_advantages(rewards, 2), args, 1, 4)
         else:
             agrpo.rl_step(model, tokenizer, optimizer, cosine, examples,
                           dataclasses.replace(args, update_schedule=schedule), 1)
@@ -1191,7 +1315,7 @@ def test_toy_model_learns_a_toy_reward():
     for _ in range(40):
         rollout = agrpo.generate(model, *prompt(4 * args.group_size), args, gen)
         rewards = (rollout.tokens == 1).float().mean(1)
-        agrpo.agrpo_loss(model, rollout, agrpo.group_advantages(rewards, args.group_size), args, gen, prompts=4)
+        agrpo_backward(model, rollout, agrpo.group_advantages(rewards, args.group_size), args, gen, prompts=4)
         optimizer.step()
         optimizer.zero_grad()
         history.append(rewards.mean().item())
@@ -1289,6 +1413,70 @@ def test_main_runs_evaluates_logs_and_checkpoints(tmp_path, capsys):
     assert "Done: 2 step(s), 16 prompts" in printed and "curves.svg" in printed
 
 
+def test_diffu_grpo_runs_end_to_end_and_its_ratio_moves_only_after_an_update(tmp_path, monkeypatch):
+    """--estimator diffu-grpo trains the toy through main(): with one gradient step per batch its ratio is 1 and
+    no token is clipped; with two, the second step's ratio has moved from 1."""
+    monkeypatch.setattr(reward, "reward_parts", count_1)
+    for iterations, moved in ((1, False), (2, True)):
+        run = str(tmp_path / str(iterations))
+        agrpo.main(FAST + ["--estimator", "diffu-grpo", "--num-iterations", str(iterations), "--max-steps", "2",
+                           "--learning-rate", "1e-2", "--output-dir", run])
+        lines = metric_lines(run)
+        assert len(lines) == 2 and all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in lines)
+        assert (lines[-1]["ratio_max_dev"] > 1e-4) == moved, lines[-1]
+        assert moved or lines[-1]["clip_low"] == lines[-1]["clip_high"] == 0
+
+
+def test_toy_weights_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
+    """The toy run, its warm-up included, runs on one thread whatever the machine's threads or OMP_NUM_THREADS:
+    warm-ups begun with 2 threads and with 1 give the same weights (on two threads they part after 20 steps)."""
+    weights = []
+    for threads in (2, 1):
+        torch.set_num_threads(threads)
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / str(threads)))
+        model = agrpo.setup(agrpo.parse_args(["--model", "toy", "--toy-warmup-steps", "20", "--train-examples", "8"]))[0]
+        weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.get_num_threads() == 1 and torch.equal(*weights)
+
+
+def test_lora_on_the_toy_works_and_a_wrong_target_names_the_layers(tmp_path):
+    """--model toy --lora-rank 4 trains adapters on the toy's own layer names (the preset's --lora-targets); a name
+    the model lacks lists the names it has and the way out, --lora-rank 0."""
+    agrpo.main(FAST + ["--lora-rank", "4", "--max-steps", "1", "--output-dir", str(tmp_path / "run")])
+    assert set(trained(tmp_path / "run" / "checkpoint-1")) and all("lora_" in k for k in trained(
+        tmp_path / "run" / "checkpoint-1"))
+    with pytest.raises(SystemExit, match="--lora-targets q_proj: no linear layer of this model has such a name; its "
+                                         "layers are named decoder, dense, key, query, value .pick some., or use "
+                                         "--lora-rank 0"):
+        agrpo.main(FAST + ["--lora-rank", "4", "--lora-targets", "q_proj", "--output-dir", str(tmp_path / "b")])
+
+
+def test_a_programming_error_keeps_its_traceback(tmp_path, monkeypatch):
+    """A ValueError raised inside the training step (as torch raises one) is no usage error: it surfaces as
+    itself, with its traceback, while a bad flag still ends in one sentence."""
+    def broken(*a, **k):
+        raise ValueError("shapes do not match")
+    monkeypatch.setattr(agrpo, "clipped_surrogate", broken)
+    with pytest.raises(ValueError, match="shapes do not match") as error:
+        agrpo.main(FAST + ["--max-steps", "1", "--output-dir", str(tmp_path)])
+    assert any(entry.name == "rl_step" for entry in error.traceback)
+    with pytest.raises(SystemExit, match="--top-p 2.0: must be in"):
+        agrpo.main(FAST + ["--top-p", "2"])
+
+
+def test_a_damaged_metrics_line_is_named_and_skipped(tmp_path, capsys):
+    """A line of metrics.jsonl that is not JSON (damaged by hand or by a tool) is named, file and line, and
+    skipped; the run resumes and its log keeps one line a step."""
+    run = str(tmp_path)
+    agrpo.main(FAST + ["--max-steps", "2", "--output-dir", run])
+    lines = open(os.path.join(run, "metrics.jsonl")).read().splitlines(keepends=True)
+    open(os.path.join(run, "metrics.jsonl"), "w").write(lines[0] + "garbage\n" + lines[1])
+    capsys.readouterr()
+    agrpo.main(["--resume", run, "--max-steps", "3"])
+    assert f"{os.path.join(run, 'metrics.jsonl')}, line 2: not a metrics line; skipped" in capsys.readouterr().out
+    assert [m["step"] for m in metric_lines(run)] == [1, 2, 3]
+
+
 def test_eval_only_writes_its_own_files_and_says_where(tmp_path, capsys):
     """--eval-only of a trained run evaluates the restored model at several step counts into new files next
     to the training-time ones (never over them), and prints where."""
@@ -1322,16 +1510,21 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert [m["step"] for m in metric_lines(crashed)] == [1, 2, 3, 4]
 
 
-def test_learning_rate_never_rises_after_its_peak(tmp_path, monkeypatch):
-    """The cosine schedule is sized for the scheduler steps taken: with 3 gradient steps per batch the rate
-    warms up, then only falls, and is still above 0 at the last update (it reaches 0 just after)."""
+def test_learning_rate_follows_the_cosine_schedule_of_every_gradient_step(tmp_path, monkeypatch):
+    """The cosine schedule is sized for the scheduler steps taken: 4 steps x 3 gradient steps per batch are 12
+    updates, each at the rate of the warmed-up cosine over 12 (warm-up ceil(0.1 x 12) = 2), computed here."""
     monkeypatch.setattr(agrpo.torch.optim, "AdamW", RecordingAdamW)
     agrpo.main(FAST + ["--max-steps", "4", "--num-iterations", "3", "--warmup-ratio", "0.1",
-                       "--output-dir", str(tmp_path)])
-    lrs = RecordingAdamW.latest.lrs
-    peak = lrs.index(max(lrs))
-    assert len(lrs) == 12 and lrs[0] < lrs[peak] and 0 < lrs[-1]
-    assert all(a >= b for a, b in zip(lrs[peak:], lrs[peak + 1:])), lrs
+                       "--learning-rate", "1e-3", "--output-dir", str(tmp_path)])
+    expected = [1e-3 * (s / 2 if s < 2 else 0.5 * (1 + math.cos(math.pi * (s - 2) / 10))) for s in range(12)]
+    assert RecordingAdamW.latest.lrs == pytest.approx(expected, abs=1e-12)
+
+
+def test_keep_checkpoints_keeps_exactly_that_many(tmp_path):
+    """--keep-checkpoints 2 with a save every step keeps the newest two."""
+    agrpo.main(FAST + ["--max-steps", "4", "--save-every", "1", "--keep-checkpoints", "2", "--output-dir",
+                       str(tmp_path)])
+    assert agrpo.checkpoints(str(tmp_path)) == [str(tmp_path / "checkpoint-3"), str(tmp_path / "checkpoint-4")]
 
 
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
@@ -1349,17 +1542,30 @@ def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     assert not [name for name in os.listdir(out) if "tmp" in name]
 
 
-def test_corrupt_or_mismatched_checkpoint_is_refused(tmp_path):
-    """Resuming with another model structure is refused before loading; a truncated checkpoint is refused
-    with one sentence."""
+def test_mismatched_checkpoint_is_refused_and_a_corrupt_newest_one_is_passed_over(tmp_path, capsys):
+    """Resuming with another model structure is refused before loading. A damaged newest checkpoint is passed
+    over with one line: the run goes on from the one before (named explicitly or not), the damaged one is set
+    aside, not deleted, and the run's log keeps one line a step."""
     out = str(tmp_path)
-    agrpo.main(FAST + ["--max-steps", "1", "--output-dir", out])
+    agrpo.main(FAST + ["--max-steps", "2", "--save-every", "1", "--output-dir", out])
     with pytest.raises(SystemExit, match="--lora-rank 4: .* was trained with 0, and a model's structure cannot"):
         agrpo.main(["--resume", "latest", "--output-dir", out, "--lora-rank", "4"])
-    with open(os.path.join(out, "checkpoint-1", "state.pt"), "r+b") as f:
+    with open(os.path.join(out, "checkpoint-2", "state.pt"), "r+b") as f:
         f.truncate(100)
-    with pytest.raises(SystemExit, match="cannot be read"):
-        agrpo.main(["--resume", out, "--max-steps", "2"])
+    with pytest.raises(SystemExit, match=r"checkpoint-2 cannot be read \(damaged or cut short\); resume from an "
+                                         "earlier checkpoint of its run, or from the run directory"):
+        agrpo.main(["--resume", os.path.join(out, "checkpoint-2")])
+    capsys.readouterr()
+    agrpo.main(["--resume", os.path.join(out, "checkpoint-1"), "--max-steps", "3"])
+    assert "checkpoint-1" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "checkpoint-2.unreadable", "checkpoint-3",
+                                       "config.json", "curves.svg", "metrics.jsonl"]
+    assert [m["step"] for m in metric_lines(out)] == [1, 2, 3]
+    with open(os.path.join(out, "checkpoint-3", "state.pt"), "r+b") as f:
+        f.truncate(100)
+    agrpo.main(["--resume", out, "--max-steps", "4"])
+    assert "checkpoint-3 cannot be read (damaged or cut short); going on from " in capsys.readouterr().out
+    assert agrpo.checkpoints(out)[-1].endswith("checkpoint-4") and [m["step"] for m in metric_lines(out)] == [1, 2, 3, 4]
 
 
 def test_lora_merges_and_exports(tmp_path):
@@ -1368,7 +1574,7 @@ def test_lora_merges_and_exports(tmp_path):
     model, tokenizer = agrpo.toy_model_and_tokenizer(0)
     ids, mask = toy_prompts(tokenizer)
     base = model(input_ids=ids).logits
-    with pytest.raises(ValueError, match="shares its weight with the input embeddings"):
+    with pytest.raises(agrpo.UsageError, match="shares its weight with the input embeddings"):
         agrpo.add_lora(model, Args(lora_rank=4, lora_targets="decoder"))
     agrpo.add_lora(model, Args(lora_rank=4, lora_alpha=8, lora_targets="query,value,dense"))
     assert {n for n, p in model.named_parameters() if p.requires_grad} == \
@@ -1381,7 +1587,7 @@ def test_lora_merges_and_exports(tmp_path):
     with agrpo.adapters_off(model):
         assert torch.allclose(model(input_ids=ids).logits, base, atol=1e-5)
     assert not torch.allclose(adapted, base, atol=1e-2)
-    agrpo.export(model, tokenizer, str(tmp_path / "merged"))
+    agrpo.export(model, tokenizer, str(tmp_path / "merged"), "the toy")
     reloaded = BertForMaskedLM.from_pretrained(str(tmp_path / "merged"))
     assert torch.allclose(reloaded(input_ids=ids).logits, adapted, atol=1e-4)
     layer = agrpo.LoRALinear(torch.nn.Linear(3, 2), rank=2, alpha=6, dropout=0.0)  # y = W x + b + (6 / 2) B A x
@@ -1419,9 +1625,54 @@ def test_typed_flags_win_over_the_toy_preset_and_the_config_file(tmp_path):
     args = agrpo.parse_args([str(config), "--top-k", "9"])
     assert (args.learning_rate, args.top_k, args.low_discrepancy, args.device) == (1e-3, 9, False, "cpu")
     config.write_text("lerning_rate: 1\n")
-    with pytest.raises(ValueError, match="my.yaml: unrecognized arguments: --lerning-rate .*did you mean "
-                                         "--learning-rate"):
+    with pytest.raises(agrpo.UsageError, match="my.yaml: lerning_rate is not a setting .did you mean learning_rate"):
         agrpo.parse_args([str(config)])
+    config.write_text("top_k: many\n")
+    with pytest.raises(agrpo.UsageError, match="my.yaml: argument --top-k: invalid int value: 'many'"):
+        agrpo.parse_args([str(config)])
+
+
+@pytest.mark.parametrize("name,text,argv,message", [
+    ("bad.yaml", "model: toy\n  top_k: [7\n", [], r"bad.yaml is not valid YAML \(line 2: .*\); fix it"),
+    ("bad.json", '{"model": "toy",}', [], r"bad.json is not valid JSON \(line 1: .*\); fix it"),
+    ("s.json", '{"model": "toy", "low_discrepancy": "false"}', [], "low_discrepancy: 'false' is not true or false; "
+                                                                   "write it unquoted"),
+    ("s.yaml", 'model: toy\neval_only: "yes"\n', [], "eval_only: 'yes' is not true or false; write it unquoted"),
+    ("s.yaml", "model: toy\nsome_key:\n", [], "some_key is not a setting; see --help"),
+    ("s.json", '{"model": "toy", "top_k": null}', [], "top_k has no value; give one, or delete the line"),
+    (None, "", ["--model", "toy", "--low-discrepancy", "false"], "false: no such config file; --low-discrepancy takes "
+                                                                  "no value: write --low-discrepancy or --no-low"),
+    (None, "", ["missing.yaml", "--model", "toy"], "missing.yaml: no such config file$"),
+    (None, "", [".", "--model", "toy"], r"\.: a directory, not config file"),
+])
+def test_config_file_mistakes_end_with_one_sentence(tmp_path, monkeypatch, name, text, argv, message):
+    """A malformed config file, a value of the wrong kind, a key with no value or that is no setting, a missing
+    file or a directory given as one, a boolean flag given a value: each one sentence naming the fix."""
+    monkeypatch.chdir(tmp_path)
+    if name:
+        (tmp_path / name).write_text(text)
+        argv = [name]
+    with pytest.raises(SystemExit, match=message):
+        agrpo.main(argv)
+    config = tmp_path / "ok.json"
+    config.write_text('{"model": "toy", "max_steps": null}')  # null is a value where a setting may be unset
+    assert agrpo.parse_args([str(config)]).max_steps is None
+
+
+def test_flags_that_would_do_nothing_are_refused_or_take_effect(tmp_path, monkeypatch, capsys):
+    """--num-train-epochs sets the length over the toy preset's max_steps (which --help shows); a resumed run
+    stays in its directory, so --output-dir elsewhere is refused; --eval-only with --export is refused."""
+    args = agrpo.parse_args(["--model", "toy", "--num-train-epochs", "1"])
+    assert args.max_steps is None and args.num_train_epochs == 1
+    with pytest.raises(SystemExit):
+        agrpo.main(["--help"])
+    assert re.search(r"--max-steps N\s+Training steps;.*\(toy:\s+300\)", " ".join(capsys.readouterr().out.split()))
+    run = str(tmp_path / "run")
+    agrpo.main(FAST + ["--max-steps", "1", "--output-dir", run])
+    with pytest.raises(SystemExit, match="--output-dir .*elsewhere: a resumed run stays in its own directory, "):
+        agrpo.main(["--resume", run, "--output-dir", str(tmp_path / "elsewhere")])
+    with pytest.raises(SystemExit, match="--eval-only and --export are two commands"):
+        agrpo.main(["--resume", run, "--eval-only", "--export", str(tmp_path / "merged")])
 
 
 def test_help_shows_each_flag_once_grouped(capsys):
@@ -1450,6 +1701,46 @@ def test_resume_restores_the_run_settings(tmp_path, monkeypatch, capsys):
     assert "resume: --mc-samples 3 -> 4" in capsys.readouterr().out
 
 
+def test_an_extended_run_says_how_its_schedule_changes(tmp_path, monkeypatch, capsys):
+    """--resume with a larger --max-steps re-sizes the cosine schedule and says so in one line, with the rate
+    step 6 trains at, which is the new schedule's (1e-3 x cosine over 8 steps, no warm-up, at 5 steps done)."""
+    monkeypatch.setattr(agrpo.torch.optim, "AdamW", RecordingAdamW)
+    agrpo.main(FAST + ["--max-steps", "5", "--warmup-ratio", "0", "--learning-rate", "1e-3", "--output-dir",
+                       str(tmp_path)])
+    capsys.readouterr()
+    agrpo.main(["--resume", str(tmp_path), "--max-steps", "8"])
+    rate = 1e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 8))
+    assert f"resume: the cosine schedule is re-sized from 5 to 8 steps; step 6 trains at learning rate {rate:.3g}" \
+        in capsys.readouterr().out
+    assert RecordingAdamW.latest.lrs[0] == pytest.approx(rate)
+
+
+def test_latest_export_says_what_it_exports_and_skips_the_warm_up(tmp_path, monkeypatch, capsys):
+    """--resume latest --task T picks the newest run of that task; --export says which checkpoint it merged, and
+    a toy checkpoint without adapters (it holds every weight) is exported without repeating the warm-up."""
+    monkeypatch.chdir(tmp_path)
+    agrpo.main(FAST + ["--max-steps", "1"])
+    agrpo.main(["--task", "sudoku"] + FAST[2:] + ["--max-steps", "1"])  # the newest run is another task's
+    monkeypatch.setattr(agrpo, "warm_up_toy", lambda *a, **k: pytest.fail("the warm-up ran"))
+    capsys.readouterr()
+    agrpo.main(["--resume", "latest", "--task", "countdown", "--export", "merged"])
+    (run,) = glob.glob(os.path.join("runs", "countdown-*"))
+    assert f"exported {os.path.join(run, 'checkpoint-1')} (step 1), adapters merged, to merged" in capsys.readouterr().out
+
+
+def test_a_sampled_evaluation_uses_its_own_truncation(toy, tmp_path, monkeypatch):
+    """Evaluation samples with --eval-top-k and --eval-top-p, not the training ones."""
+    model, tokenizer = toy
+    seen = []
+    monkeypatch.setattr(agrpo, "generate", lambda m, ids, mask, a, g: seen.append((a.top_k, a.top_p)) or
+                        agrpo.Rollout(ids, None, torch.zeros(len(ids), 8, dtype=torch.long), *[None] * 6))
+    args = toy_run_args(tokenizer, top_k=3, top_p=0.5, eval_temperature=1.0, eval_top_k=0, eval_top_p=0.95)
+    monkeypatch.setattr(agrpo, "grade", lambda tok, c, ex, a: [{"answer": None, "score": 0, "text": ""}] * len(ex))
+    agrpo.evaluate(model, tokenizer, [{"question": "12+7=", "nums": [12, 7], "target": 19}], args, 4,
+                   tmp_path / "e.jsonl")
+    assert seen == [(0, 0.95)]
+
+
 def test_latest_never_continues_another_run(tmp_path, monkeypatch):
     """Two runs started in one second get two directories. When the newest run has no checkpoint, --resume
     latest names it instead of continuing an older run, and --resume RUN restarts it from step 0."""
@@ -1462,7 +1753,7 @@ def test_latest_never_continues_another_run(tmp_path, monkeypatch):
     agrpo.open_run(args)  # a run that died before its first checkpoint
     with open(os.path.join(crashed, "metrics.jsonl"), "w") as f:
         f.write('{"step": 1, "reward": 0.0}\n')
-    with pytest.raises(ValueError, match=f"the newest run, {crashed}, has no checkpoint yet: restart it with "
+    with pytest.raises(agrpo.UsageError, match=f"the newest run, {crashed}, has no checkpoint yet: restart it with "
                                          f"--resume {crashed}"):
         agrpo.parse_args(["--resume", "latest"])
     agrpo.main(["--resume", crashed])
@@ -1502,6 +1793,24 @@ def test_two_runs_at_once_then_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp
     assert [m["step"] for m in metric_lines(tmp_path / run)] == list(range(1, step + 2))
 
 
+def test_a_second_ctrl_c_stops_at_once(tmp_path):
+    """Ctrl-C twice: the first asks the run to stop after the step in progress, the second ends the process at
+    once (killed by SIGINT, not the exit code 130 of a finished stop), leaving no partial checkpoint behind."""
+    slow = FAST + ["--max-steps", "1000", "--prompts-per-step", "32", "--save-every", "0"]  # steps of seconds
+    process = run_agrpo(slow, tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.time() + 60
+    while not glob.glob(str(tmp_path / "runs" / "*" / "config.json")) and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.0)  # inside the first step
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=30)
+    assert process.returncode == -signal.SIGINT, (process.returncode, out, err[-2000:])
+    assert "stopping after the step in progress" in out
+    assert not glob.glob(str(tmp_path / "runs" / "*" / "*tmp*"))
+
+
 def test_torchrun_works_with_the_toy_defaults(tmp_path):
     """torchrun --nproc_per_node 2 agrpo.py --model toy --device cpu runs with the preset's batch settings, and
     tokens_per_second counts both processes' completions."""
@@ -1523,16 +1832,21 @@ def free_port():
         return s.getsockname()[1]
 
 
+DDP = ["--prompts-per-step", "4", "--max-steps", "2"]  # 2 prompt groups a process: slices must not overlap
+
+
 def ddp_worker(rank, port, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
     reward.reward_parts = count_1
-    agrpo.main(FAST + ["--max-steps", "2", "--output-dir", out])
+    for schedule in ("paper", "released"):
+        agrpo.main(FAST + DDP + ["--update-schedule", schedule, "--output-dir", f"{out}-{schedule}"])
 
 
 def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
-    """DDP with gloo: 2 ranks x half the prompts reproduce 1 rank x all of them (metrics and weights)."""
+    """DDP with gloo: 2 ranks x half the prompts reproduce 1 rank x all of them (metrics and weights), under the
+    paper's update schedule and under the released trainer's (M updates a step)."""
     import torch.multiprocessing as mp
     workers = mp.start_processes(ddp_worker, args=(free_port(), str(tmp_path / "two")), nprocs=2, join=False)
     deadline = time.time() + 120
@@ -1542,18 +1856,23 @@ def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
                 p.kill()
             pytest.fail("the two DDP processes did not finish in 120 s")
     monkeypatch.setattr(reward, "reward_parts", count_1)
-    agrpo.main(FAST + ["--max-steps", "2", "--output-dir", str(tmp_path / "one")])
-    logs = [metric_lines(tmp_path / d) for d in ("one", "two")]
-    for one, two in zip(*logs):
-        for key in ("reward", "grad_norm", "loss", "advantage_abs"):  # float32 sums in another order: 1e-5
-            assert one[key] == pytest.approx(two[key], rel=1e-5, abs=1e-7), key
-    assert logs[0][1]["grad_norm"] > 0
-    a, b = trained(tmp_path / "one" / "checkpoint-2"), trained(tmp_path / "two" / "checkpoint-2")
-    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    for schedule in ("paper", "released"):
+        one, two = (str(tmp_path / f"{n}-{schedule}") for n in ("one", "two"))
+        agrpo.main(FAST + DDP + ["--update-schedule", schedule, "--output-dir", one])
+        logs = [metric_lines(d) for d in (one, two)]
+        for a, b in zip(*logs):
+            for key in ("reward", "grad_norm", "loss", "advantage_abs"):  # float32 sums in another order: 1e-5
+                assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-7), (schedule, key)
+        assert logs[0][1]["grad_norm"] > 0
+        a, b = trained(os.path.join(one, "checkpoint-2")), trained(os.path.join(two, "checkpoint-2"))
+        assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a), schedule
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--completion-length", "10", "--block-length", "4"], "must be a multiple"),
+    (["--completion-length", "10", "--block-length", "4"], "--block-length 4 does not fit --completion-length 10: "
+                                                         ".* 1, 2, 5, 10"),
+    (["--model", "toy", "--eval-sampling-steps", "5"], "--eval-sampling-steps 5 does not fit "
+                                                        ".*T: 3, 6, 12, 24"),
     (["--device", "cuda:0", "--model", "x", "--data", "synthetic"], "CUDA is not available"),
     (["--task", "gsm8k", "--model", "toy"], "no synthetic data"),
     (["--model", "toy", "--lerning-rate", "1"], "unrecognized arguments: --lerning-rate .did you mean "
@@ -1663,7 +1982,7 @@ def benchmark(shape, device, dtype, prompt_length=200, **settings):
     rewards = (rollout.tokens % 7 == 0).float().mean(1)  # any function of the tokens will do
     advantages = agrpo.group_advantages(rewards, args.group_size)
     model.train()
-    agrpo.agrpo_loss(model, rollout, advantages, args, gen)
+    agrpo_backward(model, rollout, advantages, args, gen)
     torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
     optimizer.step()
     sync()
