@@ -4,7 +4,7 @@ Public contract:
     TASKS                                    ("countdown", "gsm8k", "math500", "sudoku")
     reward(task, completion, example)        shaped training reward = format + correct
     reward_parts(task, completion, example)  {"format", "correct", "answer": the answer judged}
-    is_correct(task, completion, example)    evaluation score in [0, 1] (correct / 3)
+    is_correct(task, completion, example)    evaluation score in [0, 1] (correct / CORRECT)
     reference(task, example)                 the reference answer as text, for audit rows
     prompt_messages(task, example)           [system prompt with worked examples, problem]
     load_examples(task, split, source, n=None, seed=0, gsm8k_test="platinum")
@@ -35,6 +35,16 @@ from fractions import Fraction
 TASKS = ("countdown", "gsm8k", "math500", "sudoku")
 SYNTHETIC_TASKS = ("countdown", "sudoku")
 GSM8K_TEST_SETS = ("platinum", "openai")  # madrylab/gsm8k-platinum (the authors'), openai/gsm8k
+
+# The weights of the paper's shaped reward: a format part (at most 1), then correctness.
+CORRECT = 3.0  # a correct answer; for sudoku, times the share of the empty cells solved
+COUNTDOWN_CHECK = 1 / 3  # each of the three format checks that the answer block passes
+COUNTDOWN_EXTRA_EQUALS = -0.5  # an answer block with more than one '='
+THINK_BLOCK = 0.5  # gsm8k and math500: a closed <think> block
+ANSWER_BLOCK = 0.5  # gsm8k and math500: a closed <answer> block
+SUDOKU_LENGTH = 0.25  # an answer block of 16 characters, which can then earn the two below
+SUDOKU_DIGITS = 0.25  # each digit 1-4 four times
+SUDOKU_GIVENS = 0.5  # every given of the puzzle kept
 
 TAIL_CHARS = 20_000
 MAX_ANSWER_CHARS = 1_000
@@ -235,9 +245,9 @@ def _literals(expr):
 
 
 def _countdown_format(block, example):
-    """1/3 per check on the strict answer block (right side is the target, left side uses
-    only + - * / ( ) digits and spaces, left side uses exactly the given numbers), -0.5 for
-    more than one '='."""
+    """COUNTDOWN_CHECK per check on the strict answer block (right side is the target, left
+    side uses only + - * / ( ) digits and spaces, left side uses exactly the given numbers),
+    plus COUNTDOWN_EXTRA_EQUALS for more than one '='."""
     if block is None or "=" not in block:
         return 0.0
     sides = block.split("=")
@@ -247,7 +257,7 @@ def _countdown_format(block, example):
               and int(rhs) == example["target"],
               bool(lhs) and set(lhs) <= _EXPR_CHARS,
               used is not None and sorted(used) == sorted(example["nums"]))
-    return sum(checks) / 3 - (0.5 if len(sides) > 2 else 0.0)
+    return COUNTDOWN_CHECK * sum(checks) + (COUNTDOWN_EXTRA_EQUALS if len(sides) > 2 else 0.0)
 
 
 def _countdown_correct(answer, example):
@@ -388,12 +398,12 @@ _SEPARATOR_LINE = re.compile(r"```\w*|[-+=_|\s]*")  # "+--+--+", "-----", a code
 
 
 def _sudoku_format(block, example):
-    """On the strict answer block, only when it is 16 characters: 0.25, +0.25 if each digit
-    1-4 appears four times, +0.5 if it keeps every given of the puzzle."""
+    """On the strict answer block, only when it is 16 characters: SUDOKU_LENGTH, + SUDOKU_DIGITS
+    if each digit 1-4 appears four times, + SUDOKU_GIVENS if it keeps every given of the puzzle."""
     if block is None or len(block) != 16:
         return 0.0
-    return (0.25 + 0.25 * ("".join(sorted(block)) == "1111222233334444")
-            + 0.5 * all(p in ("0", g) for p, g in zip(example["puzzle"], block)))
+    return (SUDOKU_LENGTH + SUDOKU_DIGITS * ("".join(sorted(block)) == "1111222233334444")
+            + SUDOKU_GIVENS * all(p in ("0", g) for p, g in zip(example["puzzle"], block)))
 
 
 def _sudoku_share(answer, example):
@@ -448,7 +458,7 @@ def count_sudoku_solutions(puzzle, limit=2):
 
 def reward_parts(task, completion, example):
     """The two summed parts of the shaped reward and the answer they judged:
-    {"format": strict format score, "correct": 0 to 3, "answer": final answer text or None}."""
+    {"format": strict format score, "correct": 0 to CORRECT, "answer": final answer or None}."""
     _check_task(task)
     tail = completion[-TAIL_CHARS:]
     low = _lowered(tail)
@@ -457,11 +467,12 @@ def reward_parts(task, completion, example):
         fmt, correct = _countdown_format(block, example), float(_countdown_correct(answer, example))
     elif task == "sudoku":
         fmt, correct = _sudoku_format(block, example), _sudoku_share(answer, example)
-    else:  # 0.5 for a think block, 0.5 for an answer block
+    else:
         opened = low.find("<think>")
-        fmt = 0.5 * (opened >= 0 and low.find("</think>", opened) >= 0) + 0.5 * (block is not None)
+        fmt = (THINK_BLOCK * (opened >= 0 and low.find("</think>", opened) >= 0)
+               + ANSWER_BLOCK * (block is not None))
         correct = float(_math_equal(task, answer, example["answer"]))
-    return {"format": float(fmt), "correct": 3.0 * correct,
+    return {"format": float(fmt), "correct": CORRECT * correct,
             "answer": None if answer is None else answer[:MAX_SHOWN_CHARS]}
 
 
@@ -473,7 +484,7 @@ def reward(task, completion, example):
 
 def is_correct(task, completion, example):
     """Evaluation score in [0, 1]: 1/0, or for sudoku the share of empty cells solved."""
-    return reward_parts(task, completion, example)["correct"] / 3.0
+    return reward_parts(task, completion, example)["correct"] / CORRECT
 
 
 def reference(task, example):
