@@ -158,11 +158,19 @@ def _respell(text):
 
 
 def _value(text, exact=False):
-    """Value of a short arithmetic expression: numbers, + - * / ^, brackets and braces, \\frac,
-    \\sqrt, \\pi, implicit products and mixed numbers (1\\frac{4}{5}); each letter stands for a
-    fixed irrational number, so that 2x+1 and 1+2x agree. A Fraction while the arithmetic is
-    exact, else a float; None if text is no such expression. exact=True allows only integers,
-    + - * /, \\frac and brackets (countdown)."""
+    r"""Value of a short arithmetic expression in this grammar (spaces between tokens ignored):
+        total   := product (("+" | "-") product)*
+        product := power (("*" | "/") power | power)*    the bare power, an implicit product,
+                                                           opens with "(", \sqrt, \pi or a letter
+        power   := ("+" | "-") power | atom ("^" atom)?  |exponent| <= 64, whole if base < 0
+        atom    := number ("\frac" atom atom)?            a number, or a mixed number 1\frac{4}{5}
+                 | "(" total ")" | "{" total "}" | "\frac" atom atom | "\sqrt" atom | "\pi"
+                 | letter
+        number  := [0-9]+ ("." [0-9]*)? | "." [0-9]+
+        letter  := [a-zA-Z]
+    Letters stand for fixed numbers (see atom). A Fraction while the arithmetic is exact, else a
+    float; None if text is no such expression. exact=True allows only integers, + - * /, \frac
+    and brackets (countdown)."""
     tokens = _TOKEN.findall(text)
     if len(text) > MAX_EXPR_CHARS or "".join(tokens) != "".join(text.split()) or exact and any(
             t in ("^", "\\sqrt", "\\pi") or t.isalpha() or "." in t for t in tokens):
@@ -177,20 +185,20 @@ def _value(text, exact=False):
             raise ValueError(expected)
         return tokens[pos - 1]
 
-    def total():  # terms joined by + and -
+    def total():
         value = product()
         while tokens[pos] in ("+", "-"):
             value = value + product() if take() == "+" else value - product()
         return value
 
-    def product():  # factors joined by * and /, or written side by side
+    def product():
         value = power()
         while tokens[pos] in ("*", "/") + _IMPLICIT or tokens[pos].isalpha():
             op = take() if tokens[pos] in ("*", "/") else "*"
             value = value / power() if op == "/" else value * power()
         return value
 
-    def power():  # a signed atom, perhaps raised to a bounded power
+    def power():
         if tokens[pos] in ("+", "-"):
             return -power() if take() == "-" else power()
         value = atom()
@@ -222,6 +230,9 @@ def _value(text, exact=False):
         if token == "\\pi":
             return math.pi
         if token.isalpha():
+            # A letter is a fixed number, the log of its code point: distinct letters get distinct,
+            # algebraically independent-looking values, so two expressions that agree at them are
+            # very likely equal as expressions (2x+1 and 1+2x), as at a random test point.
             return math.log(ord(token))
         raise ValueError(token)
 
