@@ -660,32 +660,71 @@ def load_examples(task, split, source, n=None, seed=0, gsm8k_test="platinum"):
 
 # ---------------------------------------------------------------- prompts
 
-def _worked_sudokus(count=3):
-    """Worked examples for the sudoku prompt: puzzles from the project's generator (with its
-    own seed) that fill up one forced cell at a time, a cell whose row, column and box already
-    hold the three other digits, written out step by step."""
-    rng, worked = random.Random("sudoku/prompt"), []
-    while len(worked) < count:
-        puzzle = _random_sudoku(rng)["puzzle"]
-        cells, steps = [int(c) for c in puzzle], []
-        for _ in range(puzzle.count("0")):
-            seen = {i: sorted({cells[j] for j in _PEERS[i]} - {0})
-                    for i in range(16) if cells[i] == 0}
-            i = next((i for i, held in seen.items() if len(held) == 3), None)
-            if i is None:
-                break
-            cells[i] = 10 - sum(seen[i])  # 1 + 2 + 3 + 4 = 10
-            steps.append(f"R{i // 4 + 1}C{i % 4 + 1}: its row, column and box hold "
-                         f"{seen[i][0]}, {seen[i][1]} and {seen[i][2]}, so {cells[i]}.")
-        if 0 not in cells:
-            rows = " ".join(puzzle[r:r + 4] for r in range(0, 16, 4))
-            worked.append(f"Puzzle: {puzzle}\n<think>\nRows: {rows}.\n" + "\n".join(steps)
-                          + f"\n</think>\n<answer>\n{''.join(map(str, cells))}\n</answer>")
-    return worked
-
-
 _REASON = ("Reason step by step inside <think> </think>, then give the final answer inside "
            "<answer> </answer>")
+
+# Worked examples for the sudoku prompt: puzzles of the project's generator (with its own seed)
+# that fill up one forced cell at a time, a cell whose row, column and box already hold the three
+# other digits, written out step by step (test_agrpo.py regenerates them).
+_SUDOKU_EXAMPLES = """\
+Puzzle: 0300400300100200
+<think>
+Rows: 0300 4003 0010 0200.
+R2C2: its row, column and box hold 2, 3 and 4, so 1.
+R1C1: its row, column and box hold 1, 3 and 4, so 2.
+R1C3: its row, column and box hold 1, 2 and 3, so 4.
+R1C4: its row, column and box hold 2, 3 and 4, so 1.
+R2C3: its row, column and box hold 1, 3 and 4, so 2.
+R3C1: its row, column and box hold 1, 2 and 4, so 3.
+R3C2: its row, column and box hold 1, 2 and 3, so 4.
+R3C4: its row, column and box hold 1, 3 and 4, so 2.
+R4C1: its row, column and box hold 2, 3 and 4, so 1.
+R4C3: its row, column and box hold 1, 2 and 4, so 3.
+R4C4: its row, column and box hold 1, 2 and 3, so 4.
+</think>
+<answer>
+2341412334121234
+</answer>
+
+Puzzle: 1043000000002010
+<think>
+Rows: 1043 0000 0000 2010.
+R1C2: its row, column and box hold 1, 3 and 4, so 2.
+R2C3: its row, column and box hold 1, 3 and 4, so 2.
+R2C4: its row, column and box hold 2, 3 and 4, so 1.
+R3C3: its row, column and box hold 1, 2 and 4, so 3.
+R3C1: its row, column and box hold 1, 2 and 3, so 4.
+R2C1: its row, column and box hold 1, 2 and 4, so 3.
+R2C2: its row, column and box hold 1, 2 and 3, so 4.
+R3C2: its row, column and box hold 2, 3 and 4, so 1.
+R3C4: its row, column and box hold 1, 3 and 4, so 2.
+R4C2: its row, column and box hold 1, 2 and 4, so 3.
+R4C4: its row, column and box hold 1, 2 and 3, so 4.
+</think>
+<answer>
+1243342141322314
+</answer>
+
+Puzzle: 0300000100203000
+<think>
+Rows: 0300 0001 0020 3000.
+R1C3: its row, column and box hold 1, 2 and 3, so 4.
+R1C4: its row, column and box hold 1, 3 and 4, so 2.
+R1C1: its row, column and box hold 2, 3 and 4, so 1.
+R2C3: its row, column and box hold 1, 2 and 4, so 3.
+R3C1: its row, column and box hold 1, 2 and 3, so 4.
+R2C1: its row, column and box hold 1, 3 and 4, so 2.
+R2C2: its row, column and box hold 1, 2 and 3, so 4.
+R3C2: its row, column and box hold 2, 3 and 4, so 1.
+R3C4: its row, column and box hold 1, 2 and 4, so 3.
+R4C2: its row, column and box hold 1, 3 and 4, so 2.
+R4C3: its row, column and box hold 2, 3 and 4, so 1.
+R4C4: its row, column and box hold 1, 2 and 3, so 4.
+</think>
+<answer>
+1342243141233214
+</answer>"""
+
 SYSTEM_PROMPTS = {
     "countdown": (
         "You will be given a target number and three numbers. Write an arithmetic expression "
@@ -702,6 +741,6 @@ SYSTEM_PROMPTS = {
         "You will be given a 4x4 sudoku as 16 digits, row by row from the top, with 0 for an "
         "empty cell. Fill every empty cell with a digit 1-4 so that each row, each column and "
         "each of the four 2x2 boxes holds 1, 2, 3 and 4 once. " + _REASON + " as the full "
-        "grid: 16 digits, no spaces. Three worked examples:\n\n" + "\n\n".join(_worked_sudokus())),
+        "grid: 16 digits, no spaces. Three worked examples:\n\n" + _SUDOKU_EXAMPLES),
 }
 SYSTEM_PROMPTS["math500"] = SYSTEM_PROMPTS["gsm8k"]

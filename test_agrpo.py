@@ -1037,11 +1037,41 @@ def test_reward_prompts_state_the_format_with_worked_examples():
     worked = reward.SYSTEM_PROMPTS["sudoku"].split("Puzzle: ")[1:]
     synthetic_test = {e["puzzle"] for e in reward.load_examples("sudoku", "test", "synthetic")}
     assert len(worked) == 3
-    for text in worked:  # a generated puzzle with one solution, not a test puzzle, and its solution
+    for text in worked:  # not a test puzzle; its answer earns the whole reward
         puzzle, grid = text[:16], text.split("<answer>\n")[1][:16]
-        assert reward.count_sudoku_solutions(puzzle) == 1 and puzzle not in synthetic_test
-        assert reward.count_sudoku_solutions(grid) == 1  # a full grid with no clash
+        assert puzzle not in synthetic_test
         assert reward.reward("sudoku", text[text.index("<think>"):], _sudoku(puzzle, grid)) == 4.0
+
+
+def _worked_sudoku(puzzle):
+    """A puzzle filled up one forced cell at a time (a cell whose row, column and box hold the three other
+    digits), written out step by step as in the sudoku prompt; None if it gets stuck."""
+    cells, steps = [int(c) for c in puzzle], []
+    for _ in range(puzzle.count("0")):
+        seen = {i: sorted({cells[j] for j in reward._PEERS[i]} - {0}) for i in range(16) if cells[i] == 0}
+        i = next((i for i, held in seen.items() if len(held) == 3), None)
+        if i is None:
+            return None
+        cells[i] = 10 - sum(seen[i])  # 1 + 2 + 3 + 4 = 10
+        steps.append(f"R{i // 4 + 1}C{i % 4 + 1}: its row, column and box hold "
+                     f"{seen[i][0]}, {seen[i][1]} and {seen[i][2]}, so {cells[i]}.")
+    rows = " ".join(puzzle[r:r + 4] for r in range(0, 16, 4))
+    return (f"Puzzle: {puzzle}\n<think>\nRows: {rows}.\n" + "\n".join(steps)
+            + f"\n</think>\n<answer>\n{''.join(map(str, cells))}\n</answer>")
+
+
+def test_reward_sudoku_prompt_examples_are_generated_and_solve_their_puzzles():
+    """The worked examples written out in the sudoku prompt are the first three puzzles of the project's
+    generator, on the prompt's seed, that forced cells fill up; each answer is its puzzle's only solution."""
+    rng, worked = random.Random("sudoku/prompt"), []
+    while len(worked) < 3:
+        text = _worked_sudoku(reward._random_sudoku(rng)["puzzle"])
+        worked += [text] if text else []
+    assert reward.SYSTEM_PROMPTS["sudoku"].endswith("Three worked examples:\n\n" + "\n\n".join(worked))
+    for text in worked:
+        puzzle, grid = text[len("Puzzle: "):][:16], text.split("<answer>\n")[1][:16]
+        assert reward.count_sudoku_solutions(puzzle) == 1
+        assert reward.count_sudoku_solutions(grid) == 1 and all(p in ("0", g) for p, g in zip(puzzle, grid))
 
 
 def test_data_solvers():
