@@ -25,7 +25,9 @@ Completions are untrusted: only their last TAIL_CHARS characters are read, every
 bounded in length before it is parsed, nothing is eval'ed (arithmetic goes through the small
 parser `_value`), and every scoring call returns a finite float.
 """
+import contextlib
 import itertools
+import logging
 import math
 import operator
 import random
@@ -65,6 +67,7 @@ SUDOKU_URLS = {
     "test": ("https://raw.githubusercontent.com/probablyabot/agrpo/"
              "837b292d08410e2e689b7820bd659ece5744b40b/test_sudoku_split_new.csv"),
 }
+PROBE_SECONDS = 10  # a data source that does not answer within this is read from the cache alone
 
 _EXPR_CHARS = frozenset("0123456789+-*/() \t\r\n")
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
@@ -591,18 +594,51 @@ def _synthetic(task, split, n, seed):
     return _distinct(task, random.Random(f"{task}/train/{seed}"), count, {key(e) for e in test})
 
 
-def _fetch(task, path, **kwargs):
-    """datasets.load_dataset(path, **kwargs) as a list of rows; failures -> DataUnavailable."""
+def _answers(path, data_files):
+    """Whether the source of load_dataset(path, data_files=...), the data files' URL or else the
+    data set's page on the Hub, answers one HEAD request within PROBE_SECONDS (any HTTP status)."""
+    import huggingface_hub
+    url = data_files or f"{huggingface_hub.constants.ENDPOINT}/datasets/{path}"
     try:
-        from datasets import load_dataset
-        return list(load_dataset(path, **kwargs))
-    except Exception as err:  # no network, offline mode, missing dataset or library
-        source = kwargs.get("data_files") or f"{path} from the Hugging Face Hub"
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        huggingface_hub.get_session().head(url, timeout=PROBE_SECONDS)
+    except Exception as err:  # no network or name resolution, a timeout, huggingface_hub offline
+        return getattr(err, "response", None) is not None
+    return True
+
+
+@contextlib.contextmanager
+def _quiet(datasets, offline):
+    """For the with block: datasets and huggingface_hub log errors only and, if offline, datasets
+    is in its offline mode (reads its local cache alone, as HF_DATASETS_OFFLINE=1 makes it)."""
+    loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub")]
+    levels, was_offline = [logger.level for logger in loggers], datasets.config.HF_HUB_OFFLINE
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    datasets.config.HF_HUB_OFFLINE = offline
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        datasets.config.HF_HUB_OFFLINE = was_offline
+
+
+def _fetch(task, path, **kwargs):
+    """datasets.load_dataset(path, **kwargs) as a list of rows, quietly. A source that does not
+    answer one quick request is read from the local cache alone, at once rather than after a
+    minute of retries. Failures -> DataUnavailable, one sentence."""
+    source, offline = kwargs.get("data_files") or f"{path} from the Hugging Face Hub", False
+    try:
+        import datasets
+        offline = datasets.config.HF_HUB_OFFLINE or not _answers(path, kwargs.get("data_files"))
+        with _quiet(datasets, offline):
+            return list(datasets.load_dataset(path, **kwargs))
+    except Exception as err:  # no datasets library, a missing data set, offline and not cached
+        reason = ("offline, and no usable copy in the local cache" if offline else
+                  f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}")
         fix = ("check the network or pass --data synthetic" if task in SYNTHETIC_TASKS
                else "check the network (this task has no synthetic data)")
-        raise DataUnavailable(f"could not load {source} ({type(err).__name__}: {reason}); "
-                              + fix) from err
+        raise DataUnavailable(f"could not load {source} ({reason}); {fix}") from err
 
 
 def _hub(task, split, gsm8k_test):

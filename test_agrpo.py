@@ -1143,21 +1143,57 @@ def test_data_hub_without_datasets_library(monkeypatch):
         reward.load_examples("countdown", "test", "hub")
 
 
-def test_data_hub_offline_fails_fast(monkeypatch, tmp_path):
-    """Offline, every hub data set fails within seconds with DataUnavailable."""
+def _no_network(monkeypatch):
+    """Simulates a machine without network: no host name resolves. Returns the names looked up."""
+    lookups = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+@pytest.mark.parametrize("offline", ["no network", "offline mode"])
+def test_data_hub_offline_fails_fast(monkeypatch, tmp_path, capfd, offline):
+    """Offline, every hub data set fails at once, with one DataUnavailable sentence and nothing printed: with no
+    network after one probe of its source, in datasets' offline mode without a probe."""
     datasets = pytest.importorskip("datasets")
-    hub_constants = pytest.importorskip("huggingface_hub.constants")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    lookups = _no_network(monkeypatch)  # in offline mode too: no request leaves the machine
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)  # nothing cached
+    if offline == "offline mode":
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time
+    capfd.readouterr()
     for task in reward.TASKS:
         for split in ("train", "test"):
+            lookups.clear()
             start = time.perf_counter()
-            with pytest.raises(reward.DataUnavailable, match="could not load .*check the network"):
+            with pytest.raises(reward.DataUnavailable) as error:
                 reward.load_examples(task, split, "hub")
-            assert time.perf_counter() - start < 5
+            assert time.perf_counter() - start < 2
+            assert capfd.readouterr() == ("", "")
+            message = str(error.value)
+            assert "\n" not in message and re.fullmatch(
+                r"could not load \S+ (from the Hugging Face Hub )?\(offline, and no usable copy in the local "
+                r"cache\); check the network.*", message)
+            assert len(lookups) <= 2  # no retries: the probe, and datasets resolving a URL
+
+
+def test_data_hub_without_network_reads_the_local_cache(monkeypatch):
+    """With no network, a hub data set is read from the local cache alone (datasets' offline mode, for the load)."""
+    datasets = pytest.importorskip("datasets")
+    _no_network(monkeypatch)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+    def load_dataset(path, **kwargs):  # a cached copy, found in offline mode only
+        assert datasets.config.HF_HUB_OFFLINE
+        return [{"question": "q", "answer": "work\n#### 5"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert reward.load_examples("gsm8k", "test", "hub") == [{"question": "q", "answer": "5"}]
+    assert not datasets.config.HF_HUB_OFFLINE
 
 
 def test_data_hub_rows_are_converted_and_test_problems_removed(monkeypatch):
@@ -1185,7 +1221,9 @@ def test_data_hub_rows_are_converted_and_test_problems_removed(monkeypatch):
         calls.append((path, name, split))
         return tables[data_files or path]
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=load_dataset, config=types.SimpleNamespace(HF_HUB_OFFLINE=False)))
+    monkeypatch.setattr(reward, "_answers", lambda path, data_files: True)  # every source answers its probe
     load = reward.load_examples
     assert load("countdown", "test", "hub") == [
         {"question": "Target: 23\nNumbers: [30, 100, 93]", "nums": [30, 100, 93], "target": 23}]
