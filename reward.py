@@ -4,7 +4,7 @@ Public contract:
     TASKS                                    ("countdown", "gsm8k", "math500", "sudoku")
     reward(task, completion, example)        shaped training reward = format + correct
     reward_parts(task, completion, example)  {"format", "correct", "answer": the answer judged}
-    is_correct(task, completion, example)    evaluation score in [0, 1] (correct / 3)
+    is_correct(task, completion, example)    evaluation score in [0, 1] (correct / CORRECT)
     reference(task, example)                 the reference answer as text, for audit rows
     prompt_messages(task, example)           [system prompt with worked examples, problem]
     load_examples(task, split, source, n=None, seed=0, gsm8k_test="platinum")
@@ -25,7 +25,9 @@ Completions are untrusted: only their last TAIL_CHARS characters are read, every
 bounded in length before it is parsed, nothing is eval'ed (arithmetic goes through the small
 parser `_value`), and every scoring call returns a finite float.
 """
+import contextlib
 import itertools
+import logging
 import math
 import operator
 import random
@@ -35,6 +37,16 @@ from fractions import Fraction
 TASKS = ("countdown", "gsm8k", "math500", "sudoku")
 SYNTHETIC_TASKS = ("countdown", "sudoku")
 GSM8K_TEST_SETS = ("platinum", "openai")  # madrylab/gsm8k-platinum (the authors'), openai/gsm8k
+
+# The weights of the paper's shaped reward: a format part (at most 1), then correctness.
+CORRECT = 3.0  # a correct answer; for sudoku, times the share of the empty cells solved
+COUNTDOWN_CHECK = 1 / 3  # each of the three format checks that the answer block passes
+COUNTDOWN_EXTRA_EQUALS = -0.5  # an answer block with more than one '='
+THINK_BLOCK = 0.5  # gsm8k and math500: a closed <think> block
+ANSWER_BLOCK = 0.5  # gsm8k and math500: a closed <answer> block
+SUDOKU_LENGTH = 0.25  # an answer block of 16 characters, which can then earn the two below
+SUDOKU_DIGITS = 0.25  # each digit 1-4 four times
+SUDOKU_GIVENS = 0.5  # every given of the puzzle kept
 
 TAIL_CHARS = 20_000
 MAX_ANSWER_CHARS = 1_000
@@ -55,6 +67,7 @@ SUDOKU_URLS = {
     "test": ("https://raw.githubusercontent.com/probablyabot/agrpo/"
              "837b292d08410e2e689b7820bd659ece5744b40b/test_sudoku_split_new.csv"),
 }
+PROBE_SECONDS = 10  # a data source that does not answer within this is read from the cache alone
 
 _EXPR_CHARS = frozenset("0123456789+-*/() \t\r\n")
 _OPS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv}
@@ -148,11 +161,19 @@ def _respell(text):
 
 
 def _value(text, exact=False):
-    """Value of a short arithmetic expression: numbers, + - * / ^, brackets and braces, \\frac,
-    \\sqrt, \\pi, implicit products and mixed numbers (1\\frac{4}{5}); each letter stands for a
-    fixed irrational number, so that 2x+1 and 1+2x agree. A Fraction while the arithmetic is
-    exact, else a float; None if text is no such expression. exact=True allows only integers,
-    + - * /, \\frac and brackets (countdown)."""
+    r"""Value of a short arithmetic expression in this grammar (spaces between tokens ignored):
+        total   := product (("+" | "-") product)*
+        product := power (("*" | "/") power | power)*    the bare power, an implicit product,
+                                                           opens with "(", \sqrt, \pi or a letter
+        power   := ("+" | "-") power | atom ("^" atom)?  |exponent| <= 64, whole if base < 0
+        atom    := number ("\frac" atom atom)?            a number, or a mixed number 1\frac{4}{5}
+                 | "(" total ")" | "{" total "}" | "\frac" atom atom | "\sqrt" atom | "\pi"
+                 | letter
+        number  := [0-9]+ ("." [0-9]*)? | "." [0-9]+
+        letter  := [a-zA-Z]
+    Letters stand for fixed numbers (see atom). A Fraction while the arithmetic is exact, else a
+    float; None if text is no such expression. exact=True allows only integers, + - * /, \frac
+    and brackets (countdown)."""
     tokens = _TOKEN.findall(text)
     if len(text) > MAX_EXPR_CHARS or "".join(tokens) != "".join(text.split()) or exact and any(
             t in ("^", "\\sqrt", "\\pi") or t.isalpha() or "." in t for t in tokens):
@@ -167,20 +188,20 @@ def _value(text, exact=False):
             raise ValueError(expected)
         return tokens[pos - 1]
 
-    def total():  # terms joined by + and -
+    def total():
         value = product()
         while tokens[pos] in ("+", "-"):
             value = value + product() if take() == "+" else value - product()
         return value
 
-    def product():  # factors joined by * and /, or written side by side
+    def product():
         value = power()
         while tokens[pos] in ("*", "/") + _IMPLICIT or tokens[pos].isalpha():
             op = take() if tokens[pos] in ("*", "/") else "*"
             value = value / power() if op == "/" else value * power()
         return value
 
-    def power():  # a signed atom, perhaps raised to a bounded power
+    def power():
         if tokens[pos] in ("+", "-"):
             return -power() if take() == "-" else power()
         value = atom()
@@ -212,6 +233,9 @@ def _value(text, exact=False):
         if token == "\\pi":
             return math.pi
         if token.isalpha():
+            # A letter is a fixed number, the log of its code point: distinct letters get distinct,
+            # algebraically independent-looking values, so two expressions that agree at them are
+            # very likely equal as expressions (2x+1 and 1+2x), as at a random test point.
             return math.log(ord(token))
         raise ValueError(token)
 
@@ -235,9 +259,9 @@ def _literals(expr):
 
 
 def _countdown_format(block, example):
-    """1/3 per check on the strict answer block (right side is the target, left side uses
-    only + - * / ( ) digits and spaces, left side uses exactly the given numbers), -0.5 for
-    more than one '='."""
+    """COUNTDOWN_CHECK per check on the strict answer block (right side is the target, left
+    side uses only + - * / ( ) digits and spaces, left side uses exactly the given numbers),
+    plus COUNTDOWN_EXTRA_EQUALS for more than one '='."""
     if block is None or "=" not in block:
         return 0.0
     sides = block.split("=")
@@ -247,7 +271,7 @@ def _countdown_format(block, example):
               and int(rhs) == example["target"],
               bool(lhs) and set(lhs) <= _EXPR_CHARS,
               used is not None and sorted(used) == sorted(example["nums"]))
-    return sum(checks) / 3 - (0.5 if len(sides) > 2 else 0.0)
+    return COUNTDOWN_CHECK * sum(checks) + (COUNTDOWN_EXTRA_EQUALS if len(sides) > 2 else 0.0)
 
 
 def _countdown_correct(answer, example):
@@ -388,12 +412,12 @@ _SEPARATOR_LINE = re.compile(r"```\w*|[-+=_|\s]*")  # "+--+--+", "-----", a code
 
 
 def _sudoku_format(block, example):
-    """On the strict answer block, only when it is 16 characters: 0.25, +0.25 if each digit
-    1-4 appears four times, +0.5 if it keeps every given of the puzzle."""
+    """On the strict answer block, only when it is 16 characters: SUDOKU_LENGTH, + SUDOKU_DIGITS
+    if each digit 1-4 appears four times, + SUDOKU_GIVENS if it keeps every given of the puzzle."""
     if block is None or len(block) != 16:
         return 0.0
-    return (0.25 + 0.25 * ("".join(sorted(block)) == "1111222233334444")
-            + 0.5 * all(p in ("0", g) for p, g in zip(example["puzzle"], block)))
+    return (SUDOKU_LENGTH + SUDOKU_DIGITS * ("".join(sorted(block)) == "1111222233334444")
+            + SUDOKU_GIVENS * all(p in ("0", g) for p, g in zip(example["puzzle"], block)))
 
 
 def _sudoku_share(answer, example):
@@ -448,7 +472,7 @@ def count_sudoku_solutions(puzzle, limit=2):
 
 def reward_parts(task, completion, example):
     """The two summed parts of the shaped reward and the answer they judged:
-    {"format": strict format score, "correct": 0 to 3, "answer": final answer text or None}."""
+    {"format": strict format score, "correct": 0 to CORRECT, "answer": final answer or None}."""
     _check_task(task)
     tail = completion[-TAIL_CHARS:]
     low = _lowered(tail)
@@ -457,11 +481,12 @@ def reward_parts(task, completion, example):
         fmt, correct = _countdown_format(block, example), float(_countdown_correct(answer, example))
     elif task == "sudoku":
         fmt, correct = _sudoku_format(block, example), _sudoku_share(answer, example)
-    else:  # 0.5 for a think block, 0.5 for an answer block
+    else:
         opened = low.find("<think>")
-        fmt = 0.5 * (opened >= 0 and low.find("</think>", opened) >= 0) + 0.5 * (block is not None)
+        fmt = (THINK_BLOCK * (opened >= 0 and low.find("</think>", opened) >= 0)
+               + ANSWER_BLOCK * (block is not None))
         correct = float(_math_equal(task, answer, example["answer"]))
-    return {"format": float(fmt), "correct": 3.0 * correct,
+    return {"format": float(fmt), "correct": CORRECT * correct,
             "answer": None if answer is None else answer[:MAX_SHOWN_CHARS]}
 
 
@@ -473,7 +498,7 @@ def reward(task, completion, example):
 
 def is_correct(task, completion, example):
     """Evaluation score in [0, 1]: 1/0, or for sudoku the share of empty cells solved."""
-    return reward_parts(task, completion, example)["correct"] / 3.0
+    return reward_parts(task, completion, example)["correct"] / CORRECT
 
 
 def reference(task, example):
@@ -569,18 +594,51 @@ def _synthetic(task, split, n, seed):
     return _distinct(task, random.Random(f"{task}/train/{seed}"), count, {key(e) for e in test})
 
 
-def _fetch(task, path, **kwargs):
-    """datasets.load_dataset(path, **kwargs) as a list of rows; failures -> DataUnavailable."""
+def _answers(path, data_files):
+    """Whether the source of load_dataset(path, data_files=...), the data files' URL or else the
+    data set's page on the Hub, answers one HEAD request within PROBE_SECONDS (any HTTP status)."""
+    import huggingface_hub
+    url = data_files or f"{huggingface_hub.constants.ENDPOINT}/datasets/{path}"
     try:
-        from datasets import load_dataset
-        return list(load_dataset(path, **kwargs))
-    except Exception as err:  # no network, offline mode, missing dataset or library
-        source = kwargs.get("data_files") or f"{path} from the Hugging Face Hub"
-        reason = (str(err).strip().splitlines() or [""])[0][:200]
+        huggingface_hub.get_session().head(url, timeout=PROBE_SECONDS)
+    except Exception as err:  # no network or name resolution, a timeout, huggingface_hub offline
+        return getattr(err, "response", None) is not None
+    return True
+
+
+@contextlib.contextmanager
+def _quiet(datasets, offline):
+    """For the with block: datasets and huggingface_hub log errors only and, if offline, datasets
+    is in its offline mode (reads its local cache alone, as HF_DATASETS_OFFLINE=1 makes it)."""
+    loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub")]
+    levels, was_offline = [logger.level for logger in loggers], datasets.config.HF_HUB_OFFLINE
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    datasets.config.HF_HUB_OFFLINE = offline
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+        datasets.config.HF_HUB_OFFLINE = was_offline
+
+
+def _fetch(task, path, **kwargs):
+    """datasets.load_dataset(path, **kwargs) as a list of rows, quietly. A source that does not
+    answer one quick request is read from the local cache alone, at once rather than after a
+    minute of retries. Failures -> DataUnavailable, one sentence."""
+    source, offline = kwargs.get("data_files") or f"{path} from the Hugging Face Hub", False
+    try:
+        import datasets
+        offline = datasets.config.HF_HUB_OFFLINE or not _answers(path, kwargs.get("data_files"))
+        with _quiet(datasets, offline):
+            return list(datasets.load_dataset(path, **kwargs))
+    except Exception as err:  # no datasets library, a missing data set, offline and not cached
+        reason = ("offline, and no usable copy in the local cache" if offline else
+                  f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}")
         fix = ("check the network or pass --data synthetic" if task in SYNTHETIC_TASKS
                else "check the network (this task has no synthetic data)")
-        raise DataUnavailable(f"could not load {source} ({type(err).__name__}: {reason}); "
-                              + fix) from err
+        raise DataUnavailable(f"could not load {source} ({reason}); {fix}") from err
 
 
 def _hub(task, split, gsm8k_test):
@@ -638,32 +696,71 @@ def load_examples(task, split, source, n=None, seed=0, gsm8k_test="platinum"):
 
 # ---------------------------------------------------------------- prompts
 
-def _worked_sudokus(count=3):
-    """Worked examples for the sudoku prompt: puzzles from the project's generator (with its
-    own seed) that fill up one forced cell at a time, a cell whose row, column and box already
-    hold the three other digits, written out step by step."""
-    rng, worked = random.Random("sudoku/prompt"), []
-    while len(worked) < count:
-        puzzle = _random_sudoku(rng)["puzzle"]
-        cells, steps = [int(c) for c in puzzle], []
-        for _ in range(puzzle.count("0")):
-            seen = {i: sorted({cells[j] for j in _PEERS[i]} - {0})
-                    for i in range(16) if cells[i] == 0}
-            i = next((i for i, held in seen.items() if len(held) == 3), None)
-            if i is None:
-                break
-            cells[i] = 10 - sum(seen[i])  # 1 + 2 + 3 + 4 = 10
-            steps.append(f"R{i // 4 + 1}C{i % 4 + 1}: its row, column and box hold "
-                         f"{seen[i][0]}, {seen[i][1]} and {seen[i][2]}, so {cells[i]}.")
-        if 0 not in cells:
-            rows = " ".join(puzzle[r:r + 4] for r in range(0, 16, 4))
-            worked.append(f"Puzzle: {puzzle}\n<think>\nRows: {rows}.\n" + "\n".join(steps)
-                          + f"\n</think>\n<answer>\n{''.join(map(str, cells))}\n</answer>")
-    return worked
-
-
 _REASON = ("Reason step by step inside <think> </think>, then give the final answer inside "
            "<answer> </answer>")
+
+# Worked examples for the sudoku prompt: puzzles of the project's generator (with its own seed)
+# that fill up one forced cell at a time, a cell whose row, column and box already hold the three
+# other digits, written out step by step (test_agrpo.py regenerates them).
+_SUDOKU_EXAMPLES = """\
+Puzzle: 0300400300100200
+<think>
+Rows: 0300 4003 0010 0200.
+R2C2: its row, column and box hold 2, 3 and 4, so 1.
+R1C1: its row, column and box hold 1, 3 and 4, so 2.
+R1C3: its row, column and box hold 1, 2 and 3, so 4.
+R1C4: its row, column and box hold 2, 3 and 4, so 1.
+R2C3: its row, column and box hold 1, 3 and 4, so 2.
+R3C1: its row, column and box hold 1, 2 and 4, so 3.
+R3C2: its row, column and box hold 1, 2 and 3, so 4.
+R3C4: its row, column and box hold 1, 3 and 4, so 2.
+R4C1: its row, column and box hold 2, 3 and 4, so 1.
+R4C3: its row, column and box hold 1, 2 and 4, so 3.
+R4C4: its row, column and box hold 1, 2 and 3, so 4.
+</think>
+<answer>
+2341412334121234
+</answer>
+
+Puzzle: 1043000000002010
+<think>
+Rows: 1043 0000 0000 2010.
+R1C2: its row, column and box hold 1, 3 and 4, so 2.
+R2C3: its row, column and box hold 1, 3 and 4, so 2.
+R2C4: its row, column and box hold 2, 3 and 4, so 1.
+R3C3: its row, column and box hold 1, 2 and 4, so 3.
+R3C1: its row, column and box hold 1, 2 and 3, so 4.
+R2C1: its row, column and box hold 1, 2 and 4, so 3.
+R2C2: its row, column and box hold 1, 2 and 3, so 4.
+R3C2: its row, column and box hold 2, 3 and 4, so 1.
+R3C4: its row, column and box hold 1, 3 and 4, so 2.
+R4C2: its row, column and box hold 1, 2 and 4, so 3.
+R4C4: its row, column and box hold 1, 2 and 3, so 4.
+</think>
+<answer>
+1243342141322314
+</answer>
+
+Puzzle: 0300000100203000
+<think>
+Rows: 0300 0001 0020 3000.
+R1C3: its row, column and box hold 1, 2 and 3, so 4.
+R1C4: its row, column and box hold 1, 3 and 4, so 2.
+R1C1: its row, column and box hold 2, 3 and 4, so 1.
+R2C3: its row, column and box hold 1, 2 and 4, so 3.
+R3C1: its row, column and box hold 1, 2 and 3, so 4.
+R2C1: its row, column and box hold 1, 3 and 4, so 2.
+R2C2: its row, column and box hold 1, 2 and 3, so 4.
+R3C2: its row, column and box hold 2, 3 and 4, so 1.
+R3C4: its row, column and box hold 1, 2 and 4, so 3.
+R4C2: its row, column and box hold 1, 3 and 4, so 2.
+R4C3: its row, column and box hold 2, 3 and 4, so 1.
+R4C4: its row, column and box hold 1, 2 and 3, so 4.
+</think>
+<answer>
+1342243141233214
+</answer>"""
+
 SYSTEM_PROMPTS = {
     "countdown": (
         "You will be given a target number and three numbers. Write an arithmetic expression "
@@ -680,6 +777,6 @@ SYSTEM_PROMPTS = {
         "You will be given a 4x4 sudoku as 16 digits, row by row from the top, with 0 for an "
         "empty cell. Fill every empty cell with a digit 1-4 so that each row, each column and "
         "each of the four 2x2 boxes holds 1, 2, 3 and 4 once. " + _REASON + " as the full "
-        "grid: 16 digits, no spaces. Three worked examples:\n\n" + "\n\n".join(_worked_sudokus())),
+        "grid: 16 digits, no spaces. Three worked examples:\n\n" + _SUDOKU_EXAMPLES),
 }
 SYSTEM_PROMPTS["math500"] = SYSTEM_PROMPTS["gsm8k"]

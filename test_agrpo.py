@@ -1161,11 +1161,41 @@ def test_reward_prompts_state_the_format_with_worked_examples():
     worked = reward.SYSTEM_PROMPTS["sudoku"].split("Puzzle: ")[1:]
     synthetic_test = {e["puzzle"] for e in reward.load_examples("sudoku", "test", "synthetic")}
     assert len(worked) == 3
-    for text in worked:  # a generated puzzle with one solution, not a test puzzle, and its solution
+    for text in worked:  # not a test puzzle; its answer earns the whole reward
         puzzle, grid = text[:16], text.split("<answer>\n")[1][:16]
-        assert reward.count_sudoku_solutions(puzzle) == 1 and puzzle not in synthetic_test
-        assert reward.count_sudoku_solutions(grid) == 1  # a full grid with no clash
+        assert puzzle not in synthetic_test
         assert reward.reward("sudoku", text[text.index("<think>"):], _sudoku(puzzle, grid)) == 4.0
+
+
+def _worked_sudoku(puzzle):
+    """A puzzle filled up one forced cell at a time (a cell whose row, column and box hold the three other
+    digits), written out step by step as in the sudoku prompt; None if it gets stuck."""
+    cells, steps = [int(c) for c in puzzle], []
+    for _ in range(puzzle.count("0")):
+        seen = {i: sorted({cells[j] for j in reward._PEERS[i]} - {0}) for i in range(16) if cells[i] == 0}
+        i = next((i for i, held in seen.items() if len(held) == 3), None)
+        if i is None:
+            return None
+        cells[i] = 10 - sum(seen[i])  # 1 + 2 + 3 + 4 = 10
+        steps.append(f"R{i // 4 + 1}C{i % 4 + 1}: its row, column and box hold "
+                     f"{seen[i][0]}, {seen[i][1]} and {seen[i][2]}, so {cells[i]}.")
+    rows = " ".join(puzzle[r:r + 4] for r in range(0, 16, 4))
+    return (f"Puzzle: {puzzle}\n<think>\nRows: {rows}.\n" + "\n".join(steps)
+            + f"\n</think>\n<answer>\n{''.join(map(str, cells))}\n</answer>")
+
+
+def test_reward_sudoku_prompt_examples_are_generated_and_solve_their_puzzles():
+    """The worked examples written out in the sudoku prompt are the first three puzzles of the project's
+    generator, on the prompt's seed, that forced cells fill up; each answer is its puzzle's only solution."""
+    rng, worked = random.Random("sudoku/prompt"), []
+    while len(worked) < 3:
+        text = _worked_sudoku(reward._random_sudoku(rng)["puzzle"])
+        worked += [text] if text else []
+    assert reward.SYSTEM_PROMPTS["sudoku"].endswith("Three worked examples:\n\n" + "\n\n".join(worked))
+    for text in worked:
+        puzzle, grid = text[len("Puzzle: "):][:16], text.split("<answer>\n")[1][:16]
+        assert reward.count_sudoku_solutions(puzzle) == 1
+        assert reward.count_sudoku_solutions(grid) == 1 and all(p in ("0", g) for p, g in zip(puzzle, grid))
 
 
 def test_data_solvers():
@@ -1237,21 +1267,57 @@ def test_data_hub_without_datasets_library(monkeypatch):
         reward.load_examples("countdown", "test", "hub")
 
 
-def test_data_hub_offline_fails_fast(monkeypatch, tmp_path):
-    """Offline, every hub data set fails within seconds with DataUnavailable."""
+def _no_network(monkeypatch):
+    """Simulates a machine without network: no host name resolves. Returns the names looked up."""
+    lookups = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        lookups.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    return lookups
+
+
+@pytest.mark.parametrize("offline", ["no network", "offline mode"])
+def test_data_hub_offline_fails_fast(monkeypatch, tmp_path, capfd, offline):
+    """Offline, every hub data set fails at once, with one DataUnavailable sentence and nothing printed: with no
+    network after one probe of its source, in datasets' offline mode without a probe."""
     datasets = pytest.importorskip("datasets")
-    hub_constants = pytest.importorskip("huggingface_hub.constants")
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time
-    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    lookups = _no_network(monkeypatch)  # in offline mode too: no request leaves the machine
     monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path)  # nothing cached
+    if offline == "offline mode":
+        monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+        monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import time
+    capfd.readouterr()
     for task in reward.TASKS:
         for split in ("train", "test"):
+            lookups.clear()
             start = time.perf_counter()
-            with pytest.raises(reward.DataUnavailable, match="could not load .*check the network"):
+            with pytest.raises(reward.DataUnavailable) as error:
                 reward.load_examples(task, split, "hub")
-            assert time.perf_counter() - start < 5
+            assert time.perf_counter() - start < 2
+            assert capfd.readouterr() == ("", "")
+            message = str(error.value)
+            assert "\n" not in message and re.fullmatch(
+                r"could not load \S+ (from the Hugging Face Hub )?\(offline, and no usable copy in the local "
+                r"cache\); check the network.*", message)
+            assert len(lookups) <= 2  # no retries: the probe, and datasets resolving a URL
+
+
+def test_data_hub_without_network_reads_the_local_cache(monkeypatch):
+    """With no network, a hub data set is read from the local cache alone (datasets' offline mode, for the load)."""
+    datasets = pytest.importorskip("datasets")
+    _no_network(monkeypatch)
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+
+    def load_dataset(path, **kwargs):  # a cached copy, found in offline mode only
+        assert datasets.config.HF_HUB_OFFLINE
+        return [{"question": "q", "answer": "work\n#### 5"}]
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert reward.load_examples("gsm8k", "test", "hub") == [{"question": "q", "answer": "5"}]
+    assert not datasets.config.HF_HUB_OFFLINE
 
 
 def test_data_hub_rows_are_converted_and_test_problems_removed(monkeypatch):
@@ -1279,7 +1345,9 @@ def test_data_hub_rows_are_converted_and_test_problems_removed(monkeypatch):
         calls.append((path, name, split))
         return tables[data_files or path]
 
-    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(
+        load_dataset=load_dataset, config=types.SimpleNamespace(HF_HUB_OFFLINE=False)))
+    monkeypatch.setattr(reward, "_answers", lambda path, data_files: True)  # every source answers its probe
     load = reward.load_examples
     assert load("countdown", "test", "hub") == [
         {"question": "Target: 23\nNumbers: [30, 100, 93]", "nums": [30, 100, 93], "target": 23}]
