@@ -153,31 +153,8 @@ TOY = dict(data="synthetic", device="cpu", dtype="float32", mask_token_id=2, lor
            eval_batch_size=64)
 
 
-class UsageError(Exception):
-    """A setting, file or environment that cannot work: main() prints its one sentence, without a traceback."""
-
-
-def require(ok, message):
-    if not ok:
-        raise UsageError(message)
-
-
-def check_geometry(C, BL, T, flags=("--completion-length", "--block-length", "--sampling-steps")):
-    """C/BL blocks, each revealed in T/(C/BL) steps of k = C/T tokens; the error lists the values that fit."""
-    if min(C, BL, T) > 0 and C % BL == 0 and T % (C // BL) == 0 and BL % (T // (C // BL)) == 0:
-        return
-    if min(C, BL) <= 0 or C % BL:
-        fits = [str(b) for b in range(1, C + 1) if C % b == 0]
-        raise UsageError(f"{flags[1]} {BL} does not fit {flags[0]} {C}: the blocks must tile the completion "
-                         f"(BL dividing C: {', '.join(fits)})")
-    fits = [str(C // BL * d) for d in range(1, BL + 1) if BL % d == 0]
-    raise UsageError(f"{flags[2]} {T} does not fit {flags[0]} {C} and {flags[1]} {BL}: each of the C/BL = "
-                     f"{C // BL} blocks needs a whole number of steps revealing a whole number of its tokens "
-                     f"(T: {', '.join(fits)})")
-
-
 # ----------------------------------------------------------------------------------------------------------
-# 2. Loading: LLaDA-8B-Instruct, plain LoRA (the toy model is plumbing, after the method)
+# 2. Loading: LLaDA-8B-Instruct, plain LoRA
 class LoRALinear(nn.Module):
     """y = W x + (alpha / r) B A dropout(x), with W frozen and B = 0 at the start."""
 
@@ -270,26 +247,6 @@ def load_model_and_tokenizer(args, warm_up=True):
         warm_up_toy(model, tokenizer, args)
     model = model.to(device=args.device, dtype=dtype)
     return (add_lora(model, args) if args.lora_rank > 0 else model), tokenizer
-
-
-def pretrained_class(name):
-    """AutoModel for LLaDA's remote code (its config maps AutoModel to the LM), AutoModelForMaskedLM for any
-    other masked LM, such as one --export wrote. Fails fast when the model is neither here nor reachable."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
-    require(not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")),
-            f"--model {name}: the directory holds no config.json; give a model directory or a hub id")
-    try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=True, local_files_only=True)
-    except OSError:  # not on this machine: ask the hub once, before transformers retries it for a minute
-        import huggingface_hub
-        try:
-            huggingface_hub.model_info(name, timeout=10)
-        except Exception as e:
-            require(getattr(e, "response", None) is not None,  # no answer at all
-                    f"--model {name} is not on this machine and the Hugging Face Hub cannot be reached "
-                    f"({type(e).__name__}); check the network, or use --model toy for an offline run")
-        config = AutoConfig.from_pretrained(name, trust_remote_code=True)
-    return AutoModel if "AutoModel" in (getattr(config, "auto_map", None) or {}) else AutoModelForMaskedLM
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -585,11 +542,6 @@ def diffu_grpo_losses(model, rollout, advantages, masked_prompt, old_logp, share
 
 # ----------------------------------------------------------------------------------------------------------
 # 6. Training: the step and the loop, on one GPU or many (torchrun)
-def world():
-    """(rank, number of processes); torchrun starts one process per GPU."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
 def seed_of(args, purpose, *index):
     """The seed of one random stream: its purpose ("rollout", "timesteps", "prompt mask", "dropout",
     "evaluation") and its index (the training step, the global micro-batch, ...). Results do not depend on
@@ -599,36 +551,6 @@ def seed_of(args, purpose, *index):
 
 def stream(args, purpose, *index):
     return torch.Generator(args.device).manual_seed(seed_of(args, purpose, *index))
-
-
-def synchronize(args):
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
-def prompt_texts(tokenizer, examples, args):
-    return [tokenizer.apply_chat_template(reward.prompt_messages(args.task, ex), add_generation_prompt=True,
-                                          tokenize=False) for ex in examples]
-
-
-def tokenize_prompts(tokenizer, examples, args):
-    enc = tokenizer(prompt_texts(tokenizer, examples, args), padding=True, padding_side="left",
-                    add_special_tokens=False, return_tensors="pt")
-    return enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
-
-
-@functools.lru_cache(maxsize=2)
-def epoch_order(n, seed, epoch):
-    order = list(range(n))
-    random.Random(f"{seed}/{epoch}").shuffle(order)
-    return order
-
-
-def prompts_at(examples, seed, position, count):
-    """Prompts number position .. position + count - 1 of an endless stream that visits the examples in a
-    fresh seeded order every epoch."""
-    return [examples[epoch_order(len(examples), seed, p // len(examples))[p % len(examples)]]
-            for p in range(position, position + count)]
 
 
 def rl_step(model, tokenizer, optimizer, schedule, prompts, args, step):
@@ -709,24 +631,7 @@ def rl_step(model, tokenizer, optimizer, schedule, prompts, args, step):
     synchronize(args)
     seconds["train"] = time.perf_counter() - clock
 
-    spread = rewards.view(-1, G).std(1)
-    mean = lambda key: sum(g[key] for g in graded) / len(graded)
-    loss, clip_low, clip_high, kl, ratio_max_dev = torch.stack(stats).T if stats else torch.zeros(5, 1)
-    metrics = {"reward": rewards.mean(), "reward_format": mean("format"), "reward_correct": mean("correct"),
-               "accuracy": mean("score"), "reward_std": spread.mean(), "zero_spread_groups": (spread == 0).double()
-               .mean(), "advantage_abs": advantages.abs().mean(), "advantage_min": advantages.min(),
-               "advantage_max": advantages.max(), "completion_length": (tokens != args.eos_token_id).sum(1)
-               .double().mean(), "loss": loss.sum() * world_size,  # x processes: the mean below is their sum
-               "clip_low": clip_low.mean(), "clip_high": clip_high.mean(), "kl": kl.mean(),
-               "grad_norm": torch.stack(grad_norms).mean(), "lr": schedule.get_last_lr()[0],
-               **{f"seconds_{k}": v for k, v in seconds.items()}}
-    metrics = mean_over_ranks(metrics, args)
-    metrics["ratio_max_dev"] = max_over_ranks(ratio_max_dev.max(), args)
-    metrics["tokens_per_second"] = (args.prompts_per_step * G * args.completion_length /  # all processes'
-                                    sum(metrics[f"seconds_{k}"] for k in seconds))
-    if args.device.startswith("cuda"):
-        metrics["peak_memory_gb"] = max_over_ranks(torch.cuda.max_memory_allocated() / 1e9, args)
-    return metrics
+    return step_metrics(rewards, graded, advantages, tokens, stats, grad_norms, schedule, seconds, args)
 
 
 def all_reduce_gradients(params):
@@ -737,22 +642,6 @@ def all_reduce_gradients(params):
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
-
-
-def mean_over_ranks(metrics, args):
-    """The metrics as plain floats, averaged over processes."""
-    values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=args.device)
-    if world()[1] > 1:
-        dist.all_reduce(values)
-        values /= world()[1]
-    return dict(zip(metrics, values.tolist()))
-
-
-def max_over_ranks(value, args):
-    value = torch.tensor(float(value), dtype=torch.float64, device=args.device)
-    if world()[1] > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item()
 
 
 def train(model, tokenizer, train_examples, test_examples, args):
@@ -862,7 +751,103 @@ def evaluate_all(model, tokenizer, examples, args, step, name="eval"):
 
 
 # ==========================================================================================================
-# Plumbing, not AGRPO: the offline toy model, runs and checkpoints, signals, curves, the command line.
+# Plumbing, not AGRPO: prompts and processes, the toy model, runs and checkpoints, signals, curves, the
+# command line.
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Prompts, processes and the hub: what the method calls, named for what it does
+def world():
+    """(rank, number of processes); torchrun starts one process per GPU."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def synchronize(args):
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def prompt_texts(tokenizer, examples, args):
+    return [tokenizer.apply_chat_template(reward.prompt_messages(args.task, ex), add_generation_prompt=True,
+                                          tokenize=False) for ex in examples]
+
+
+def tokenize_prompts(tokenizer, examples, args):
+    enc = tokenizer(prompt_texts(tokenizer, examples, args), padding=True, padding_side="left",
+                    add_special_tokens=False, return_tensors="pt")
+    return enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
+
+
+@functools.lru_cache(maxsize=2)
+def epoch_order(n, seed, epoch):
+    order = list(range(n))
+    random.Random(f"{seed}/{epoch}").shuffle(order)
+    return order
+
+
+def prompts_at(examples, seed, position, count):
+    """Prompts number position .. position + count - 1 of an endless stream that visits the examples in a
+    fresh seeded order every epoch."""
+    return [examples[epoch_order(len(examples), seed, p // len(examples))[p % len(examples)]]
+            for p in range(position, position + count)]
+
+
+def step_metrics(rewards, graded, advantages, tokens, stats, grad_norms, schedule, seconds, args):
+    """A training step's metrics (README: "Metrics and curves"), over all processes."""
+    spread = rewards.view(-1, args.group_size).std(1)
+    mean = lambda key: sum(g[key] for g in graded) / len(graded)
+    loss, clip_low, clip_high, kl, ratio_max_dev = torch.stack(stats).T
+    metrics = {"reward": rewards.mean(), "reward_format": mean("format"), "reward_correct": mean("correct"),
+               "accuracy": mean("score"), "reward_std": spread.mean(), "zero_spread_groups": (spread == 0).double()
+               .mean(), "advantage_abs": advantages.abs().mean(), "advantage_min": advantages.min(),
+               "advantage_max": advantages.max(), "completion_length": (tokens != args.eos_token_id).sum(1)
+               .double().mean(), "loss": loss.sum() * world()[1],  # x processes: the mean below is their sum
+               "clip_low": clip_low.mean(), "clip_high": clip_high.mean(), "kl": kl.mean(),
+               "grad_norm": torch.stack(grad_norms).mean(), "lr": schedule.get_last_lr()[0],
+               **{f"seconds_{k}": v for k, v in seconds.items()}}
+    metrics = mean_over_ranks(metrics, args)
+    metrics["ratio_max_dev"] = max_over_ranks(ratio_max_dev.max(), args)
+    metrics["tokens_per_second"] = (args.prompts_per_step * args.group_size * args.completion_length /  # all processes'
+                                    sum(metrics[f"seconds_{k}"] for k in seconds))
+    if args.device.startswith("cuda"):
+        metrics["peak_memory_gb"] = max_over_ranks(torch.cuda.max_memory_allocated() / 1e9, args)
+    return metrics
+
+
+def mean_over_ranks(metrics, args):
+    """The metrics as plain floats, averaged over processes."""
+    values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=args.device)
+    if world()[1] > 1:
+        dist.all_reduce(values)
+        values /= world()[1]
+    return dict(zip(metrics, values.tolist()))
+
+
+def max_over_ranks(value, args):
+    value = torch.tensor(float(value), dtype=torch.float64, device=args.device)
+    if world()[1] > 1:
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return value.item()
+
+
+def pretrained_class(name):
+    """AutoModel for LLaDA's remote code (its config maps AutoModel to the LM), AutoModelForMaskedLM for any
+    other masked LM, such as one --export wrote. Fails fast when the model is neither here nor reachable."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+    require(not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")),
+            f"--model {name}: the directory holds no config.json; give a model directory or a hub id")
+    try:
+        config = AutoConfig.from_pretrained(name, trust_remote_code=True, local_files_only=True)
+    except OSError:  # not on this machine: ask the hub once, before transformers retries it for a minute
+        import huggingface_hub
+        try:
+            huggingface_hub.model_info(name, timeout=10)
+        except Exception as e:
+            require(getattr(e, "response", None) is not None,  # no answer at all
+                    f"--model {name} is not on this machine and the Hugging Face Hub cannot be reached "
+                    f"({type(e).__name__}); check the network, or use --model toy for an offline run")
+        config = AutoConfig.from_pretrained(name, trust_remote_code=True)
+    return AutoModel if "AutoModel" in (getattr(config, "auto_map", None) or {}) else AutoModelForMaskedLM
 
 # ----------------------------------------------------------------------------------------------------------
 # The toy model and its supervised warm-up (--model toy): a CPU demo, not part of the method
@@ -1256,6 +1241,29 @@ def summary(run, seconds):
 
 # ----------------------------------------------------------------------------------------------------------
 # The command line: flags, config files, the toy preset, resumed settings, one sentence per usage error
+class UsageError(Exception):
+    """A setting, file or environment that cannot work: main() prints its one sentence, without a traceback."""
+
+
+def require(ok, message):
+    if not ok:
+        raise UsageError(message)
+
+
+def check_geometry(C, BL, T, flags=("--completion-length", "--block-length", "--sampling-steps")):
+    """C/BL blocks, each revealed in T/(C/BL) steps of k = C/T tokens; the error lists the values that fit."""
+    if min(C, BL, T) > 0 and C % BL == 0 and T % (C // BL) == 0 and BL % (T // (C // BL)) == 0:
+        return
+    if min(C, BL) <= 0 or C % BL:
+        fits = [str(b) for b in range(1, C + 1) if C % b == 0]
+        raise UsageError(f"{flags[1]} {BL} does not fit {flags[0]} {C}: the blocks must tile the completion "
+                         f"(BL dividing C: {', '.join(fits)})")
+    fits = [str(C // BL * d) for d in range(1, BL + 1) if BL % d == 0]
+    raise UsageError(f"{flags[2]} {T} does not fit {flags[0]} {C} and {flags[1]} {BL}: each of the C/BL = "
+                     f"{C // BL} blocks needs a whole number of steps revealing a whole number of its tokens "
+                     f"(T: {', '.join(fits)})")
+
+
 def flag(name):
     return "--" + name.replace("_", "-")
 
@@ -1306,7 +1314,7 @@ def read_config(parser, path, typed_before):
         boolean = parser._option_string_actions.get(typed_before)
         hint = f"; {typed_before} takes no value: write {typed_before} or --no-{typed_before[2:]}" if isinstance(
             boolean, argparse.BooleanOptionalAction) else ""
-        raise UsageError(f"{path}: {'a directory, not' if os.path.isdir(path) else 'no such'} config file{hint}")
+        raise UsageError(f"{path}: {'a directory, not a' if os.path.isdir(path) else 'no such'} config file{hint}")
     kind = "JSON" if path.endswith(".json") else "YAML"
     try:
         with open(path) as f:
@@ -1314,8 +1322,9 @@ def read_config(parser, path, typed_before):
     except (ValueError, yaml.YAMLError) as e:
         mark = getattr(e, "problem_mark", None)
         line = getattr(e, "lineno", None) or (mark.line + 1 if mark else "?")
-        raise UsageError(f"{path} is not valid {kind} (line {line}: {getattr(e, 'msg', None) or getattr(e, 'problem', e)}"
-                         "); fix it, or type the settings as flags") from None
+        problem = getattr(e, "msg", None) or getattr(e, "problem", e)
+        raise UsageError(f"{path} is not valid {kind} (line {line}: {problem}); fix it, or type the settings as "
+                         "flags") from None
     require(isinstance(settings, dict), f"{path} should hold a mapping of settings, like learning_rate: 1.0e-5")
     fields = {f.name: f for f in dataclasses.fields(Args)}
     flags, nulls = [], {}

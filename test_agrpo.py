@@ -88,6 +88,25 @@ def flat_grad(model):
     return g
 
 
+FAST = ["--task", "countdown", "--model", "toy", "--completion-length", "16", "--sampling-steps", "8",
+        "--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "4", "--mc-samples", "2",
+        "--train-examples", "64", "--toy-warmup-steps", "0", "--eval-every", "0"]
+AGRPO = os.path.abspath(agrpo.__file__)
+
+
+def count_1(task, completion, example):
+    """A reward the random toy model can improve on: the share of '1' among the characters it writes."""
+    return {"format": 0.0, "correct": completion.count("1") / max(len(completion), 1), "answer": None}
+
+
+def trained(path):
+    return torch.load(os.path.join(path, "state.pt"))["model"]
+
+
+def metric_lines(run):
+    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+
+
 def z_scores(draws, expected, seed=0, directions=12):
     """z of the draws' mean against `expected`, on the expected direction and on 12 random directions; the
     standard error is estimated from the draws.
@@ -109,7 +128,8 @@ def z_scores(draws, expected, seed=0, directions=12):
 def plain_step_gradients(model, rollout, args):
     """g_t for every step t < L, the plain way: full logits of the rebuilt state, a boolean support mask."""
     B, C = rollout.tokens.shape
-    L = [max([int(s) + 1 for s, x in zip(rollout.revealed_at[b], rollout.tokens[b]) if x != args.eos_token_id], default=0)
+    L = [max([int(s) + 1 for s, x in zip(rollout.revealed_at[b], rollout.tokens[b]) if x != args.eos_token_id],
+             default=0)
          for b in range(B)]
     grads = []
     for b in range(B):
@@ -269,9 +289,10 @@ def policy_gradient_draws(model, args, groups, seed, baseline):
 
 
 def gradient(model, scalar):
-    params = list(model.parameters())
-    grads = torch.autograd.grad(scalar, params, allow_unused=True, retain_graph=True)
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in zip(grads, params)])
+    """grad of a scalar (the graph is kept for the next one)."""
+    model.zero_grad(set_to_none=True)
+    scalar.backward(retain_graph=True)
+    return flat_grad(model)
 
 
 def expected_gradient(model, args, baseline):
@@ -424,7 +445,8 @@ def test_token_shares_count_up_to_the_first_eos_per_group():
     group's counted tokens share a weight of 1 in all."""
     tokens = torch.tensor([[5, 0, 5, 0], [5, 5, 5, 5], [0, 0, 0, 0], [5, 5, 0, 5]])  # EOS = 0, G = 2
     share = agrpo.token_shares(tokens, toy_args(group_size=2))
-    assert torch.allclose(share, torch.tensor([[1 / 6, 1 / 6, 0, 0], [1 / 6] * 4, [1 / 4, 0, 0, 0], [1 / 4, 1 / 4, 1 / 4, 0]]))
+    expected = [[1 / 6, 1 / 6, 0, 0], [1 / 6] * 4, [1 / 4, 0, 0, 0], [1 / 4, 1 / 4, 1 / 4, 0]]
+    assert torch.allclose(share, torch.tensor(expected))
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -436,10 +458,10 @@ def toy():
 
 
 def toy_run_args(tokenizer, **kw):
-    base = dict(completion_length=16, block_length=8, sampling_steps=8, mask_token_id=tokenizer.mask_token_id,
-                eos_token_id=tokenizer.eos_token_id, temperature=0.7, top_k=20, top_p=0.9, group_size=2,
-                mc_samples=3, device="cpu", dtype="float32")
-    return Args(**{**base, **kw})
+    """toy_args for the toy model and its tokenizer (the sampler's truncations active)."""
+    return toy_args(**{**dict(completion_length=16, block_length=8, sampling_steps=8, temperature=0.7, top_k=20,
+                              top_p=0.9, group_size=2, mc_samples=3, mask_token_id=tokenizer.mask_token_id,
+                              eos_token_id=tokenizer.eos_token_id), **kw})
 
 
 def toy_prompts(tokenizer, texts=("12+7=", "a longer prompt: 3*4")):
@@ -461,7 +483,8 @@ def test_recomputed_logprobs_equal_recorded(toy, unmasking):
     for t in range(args.sampling_steps):
         logp, pos = agrpo.step_logprobs(model, rollout, torch.full((2,), t), args)
         assert torch.allclose(logp, rollout.logp.gather(1, pos), atol=1e-5), t
-    deviation, clipped = agrpo_backward(model, rollout, torch.tensor([1.0, -1.0]), args, torch.Generator().manual_seed(1))
+    deviation, clipped = agrpo_backward(model, rollout, torch.tensor([1.0, -1.0]), args,
+                                        torch.Generator().manual_seed(1))
     model.zero_grad(set_to_none=True)
     assert deviation < 1e-5 and not clipped
 
@@ -1431,25 +1454,6 @@ def test_toy_warm_up_without_a_writable_cache_still_runs(tmp_path, monkeypatch, 
     assert "the toy warm-up is not cached (Not a directory" in capsys.readouterr().out
 
 
-FAST = ["--task", "countdown", "--model", "toy", "--completion-length", "16", "--sampling-steps", "8",
-        "--prompts-per-step", "2", "--group-size", "4", "--micro-batch-size", "4", "--mc-samples", "2",
-        "--train-examples", "64", "--toy-warmup-steps", "0", "--eval-every", "0"]
-AGRPO = os.path.abspath(agrpo.__file__)
-
-
-def count_1(task, completion, example):
-    """A reward the random toy model can improve on: the share of '1' among the characters it writes."""
-    return {"format": 0.0, "correct": completion.count("1") / max(len(completion), 1), "answer": None}
-
-
-def trained(path):
-    return torch.load(os.path.join(path, "state.pt"))["model"]
-
-
-def metric_lines(run):
-    return [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
-
-
 def test_main_runs_evaluates_logs_and_checkpoints(tmp_path, capsys):
     """A toy run evaluates at the start and the end, logs every metric the README lists (one line a step, and
     one an evaluation), writes auditable evaluation rows, a checkpoint, curves.svg, and prints a summary."""
@@ -1502,7 +1506,8 @@ def test_toy_weights_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
     for threads in (2, 1):
         torch.set_num_threads(threads)
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / str(threads)))
-        model = agrpo.setup(agrpo.parse_args(["--model", "toy", "--toy-warmup-steps", "20", "--train-examples", "8"]))[0]
+        args = agrpo.parse_args(["--model", "toy", "--toy-warmup-steps", "20", "--train-examples", "8"])
+        model = agrpo.setup(args)[0]
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
     assert torch.get_num_threads() == 1 and torch.equal(*weights)
 
@@ -1633,7 +1638,8 @@ def test_mismatched_checkpoint_is_refused_and_a_corrupt_newest_one_is_passed_ove
         f.truncate(100)
     agrpo.main(["--resume", out, "--max-steps", "4"])
     assert "checkpoint-3 cannot be read (damaged or cut short); going on from " in capsys.readouterr().out
-    assert agrpo.checkpoints(out)[-1].endswith("checkpoint-4") and [m["step"] for m in metric_lines(out)] == [1, 2, 3, 4]
+    assert agrpo.checkpoints(out)[-1].endswith("checkpoint-4")
+    assert [m["step"] for m in metric_lines(out)] == [1, 2, 3, 4]
 
 
 def test_lora_merges_and_exports(tmp_path):
@@ -1711,7 +1717,7 @@ def test_typed_flags_win_over_the_toy_preset_and_the_config_file(tmp_path):
     (None, "", ["--model", "toy", "--low-discrepancy", "false"], "false: no such config file; --low-discrepancy takes "
                                                                   "no value: write --low-discrepancy or --no-low"),
     (None, "", ["missing.yaml", "--model", "toy"], "missing.yaml: no such config file$"),
-    (None, "", [".", "--model", "toy"], r"\.: a directory, not config file"),
+    (None, "", [".", "--model", "toy"], r"\.: a directory, not a config file"),
 ])
 def test_config_file_mistakes_end_with_one_sentence(tmp_path, monkeypatch, name, text, argv, message):
     """A malformed config file, a value of the wrong kind, a key with no value or that is no setting, a missing
@@ -1793,7 +1799,8 @@ def test_latest_export_says_what_it_exports_and_skips_the_warm_up(tmp_path, monk
     capsys.readouterr()
     agrpo.main(["--resume", "latest", "--task", "countdown", "--export", "merged"])
     (run,) = glob.glob(os.path.join("runs", "countdown-*"))
-    assert f"exported {os.path.join(run, 'checkpoint-1')} (step 1), adapters merged, to merged" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"exported {os.path.join(run, 'checkpoint-1')} (step 1), adapters merged, to merged" in printed
 
 
 def test_a_sampled_evaluation_uses_its_own_truncation(toy, tmp_path, monkeypatch):
@@ -1995,7 +2002,7 @@ def test_filesystem_failures_end_with_one_sentence(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# 6. The GPU workload: one device's share of the authors' step, timed against its floor (CUDA only)
+# 7. The GPU workload: one device's share of the authors' step, timed against its floor (CUDA only)
 LLADA_8B_SHAPE = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, intermediate_size=18432,
                       vocab_size=126464)  # ~7.5B parameters; the MLP has the FLOPs of LLaDA's gated 12288 one
 
