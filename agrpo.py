@@ -807,8 +807,8 @@ def step_metrics(rewards, graded, advantages, tokens, stats, grad_norms, schedul
                **{f"seconds_{k}": v for k, v in seconds.items()}}
     metrics = mean_over_ranks(metrics, args)
     metrics["ratio_max_dev"] = max_over_ranks(ratio_max_dev.max(), args)
-    metrics["tokens_per_second"] = (args.prompts_per_step * args.group_size * args.completion_length /  # all processes'
-                                    sum(metrics[f"seconds_{k}"] for k in seconds))
+    completion_tokens = args.prompts_per_step * args.group_size * args.completion_length  # all processes'
+    metrics["tokens_per_second"] = completion_tokens / sum(metrics[f"seconds_{k}"] for k in seconds)
     if args.device.startswith("cuda"):
         metrics["peak_memory_gb"] = max_over_ranks(torch.cuda.max_memory_allocated() / 1e9, args)
     return metrics

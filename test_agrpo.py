@@ -112,10 +112,10 @@ def z_scores(draws, expected, seed=0, directions=12):
     standard error is estimated from the draws.
 
     The tests accept |z| < 4. For an unbiased estimator each z is a t statistic with n - 1 >= 299 degrees of
-    freedom, P(|z| > 4) < 1e-4, so a test's 13 z's raise a false alarm with probability < 0.13% and the six
-    unbiasedness tests of the suite < 0.8% (union bound). The seeds are fixed, so the suite is deterministic:
-    the threshold was not tuned to them, and the planted biases below reach |z| of 10 and more, so a fixed
-    seed costs no power."""
+    freedom, P(|z| > 4) < 1e-4, so a test's 13 z's raise a false alarm with probability < 0.13% and the
+    92 z's that the suite requires below 4 (seven tests) < 1% (union bound). The seeds are fixed, so the suite
+    is deterministic: the threshold was not tuned to them, and the planted biases below reach |z| of 10 and
+    more, so a fixed seed costs no power."""
     gen = torch.Generator().manual_seed(seed)
     v = torch.cat([expected[None] / expected.norm(), torch.randn(directions, expected.numel(), generator=gen)])
     proj, target = draws.double() @ v.double().T, v.double() @ expected.double()
@@ -438,6 +438,35 @@ def test_diffu_grpo_log_probs_are_one_masked_forward_and_one_iteration_has_ratio
                                                      share, args)
     assert torch.equal(ratio, torch.ones_like(ratio))
     model.zero_grad(set_to_none=True)
+
+
+def test_diffu_grpo_kl_is_beta_k3_without_the_ratio(toy):
+    """diffu-GRPO adds beta x k3(ref, logp) per token, as d1 does, without AGRPO's ratio factor: with zero
+    advantages its gradient is beta grad sum_i share_i k3_i, the reference being the model with adapters off."""
+    _, tokenizer = toy
+    model = agrpo.toy_model_and_tokenizer(seed=0)[0]
+    args = toy_run_args(tokenizer, estimator="diffu-grpo", beta=0.5, lora_rank=2, lora_targets="query,value")
+    agrpo.add_lora(model, args)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(generator=torch.Generator().manual_seed(1))
+    ids, mask = toy_prompts(tokenizer, ["12+7=", "12+7="])
+    rollout = agrpo.generate(model, ids, mask, args, torch.Generator().manual_seed(0))
+    masked = agrpo.mask_prompt(ids, args, torch.Generator().manual_seed(1))
+    share = agrpo.token_shares(rollout.tokens, args)
+    ((loss, _),) = agrpo.diffu_grpo_losses(model, rollout, torch.zeros(2), masked, None, share, args)
+    loss.backward()
+    got = flat_grad(model)
+    ids = torch.cat([masked, torch.full_like(rollout.tokens, args.mask_token_id)], 1)
+    pick = lambda logits: logits[:, ids.shape[1] - rollout.tokens.shape[1]:].log_softmax(-1).gather(
+        -1, rollout.tokens[..., None]).squeeze(-1)
+    with agrpo.adapters_off(model), torch.no_grad():
+        ref = pick(model(input_ids=ids).logits)
+    logp = pick(model(input_ids=ids).logits)
+    (0.5 * (share * ((ref - logp).exp() - (ref - logp) - 1)).sum()).backward()
+    expected = flat_grad(model)
+    assert expected.norm() > 1e-4 and torch.allclose(got, expected, rtol=1e-4, atol=1e-5)  # k3 reaches e^5 here
 
 
 def test_token_shares_count_up_to_the_first_eos_per_group():
