@@ -151,6 +151,7 @@ TOY = dict(data="synthetic", device="cpu", dtype="float32", mask_token_id=2, lor
            mc_samples=4, top_k=0, top_p=1.0, temperature=1.0, eval_every=300, eval_completion_length=24,
            eval_block_length=8, eval_sampling_steps="12", eval_unmasking="random", eval_temperature=1.0,
            eval_batch_size=64)
+TOY_THREADS = 2  # the toy's threads, shared by its processes: the 2 cores of the machine this project is built on
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1444,14 +1445,14 @@ def setup(args):
     """Everything that can fail for reasons outside the code, each failure one clear sentence (UsageError)."""
     require(not args.device.startswith("cuda") or torch.cuda.is_available(), "CUDA is not available here. "
             "LLaDA-8B needs a GPU (see README); for an offline CPU run use --model toy --device cpu")
-    if args.model == "toy":  # tiny matrices gain nothing from threads, and one thread gives the same numbers anywhere
-        torch.set_num_threads(1)
     if "RANK" in os.environ and not dist.is_initialized():  # under torchrun: one process per GPU
         if args.device.startswith("cuda"):
             args.device = f"cuda:{os.environ['LOCAL_RANK']}"
             torch.cuda.set_device(args.device)
         dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
     check_batch(args, world()[1])
+    if args.model == "toy":  # a fixed thread count gives the same numbers on every machine, whatever OMP_NUM_THREADS
+        torch.set_num_threads(max(1, TOY_THREADS // world()[1]))
     try:
         train_examples = [] if args.eval_only or args.export else reward.load_examples(
             args.task, "train", args.data, n=args.train_examples or None, seed=args.seed)
@@ -1482,7 +1483,7 @@ def from_rank0(value):
 
 def main(argv=None):
     """Train (or evaluate, or export) as the flags say. A usage error ends with one sentence, not a traceback
-    (any other exception keeps its traceback); Ctrl-C and SIGTERM save and print how to resume."""
+    (any other exception keeps its traceback); in training, Ctrl-C and SIGTERM save and print how to resume."""
     try:
         args = parse_args(argv)
         model, tokenizer, train_examples, test_examples = setup(args)
@@ -1494,10 +1495,10 @@ def main(argv=None):
             return export(model, tokenizer, args.export, source) if world()[0] == 0 else None
         if not (args.eval_only and args.resume):  # evaluating a run only adds files to it
             args.output_dir = from_rank0(open_run(args) if world()[0] == 0 else None)
+        if args.eval_only:  # (each evaluation file is written whole, at its end)
+            return evaluate_all(model, tokenizer, test_examples, args, step,
+                                name=f"eval-only-{time.strftime('%Y%m%d-%H%M%S')}")
         with stop_on_signals():
-            if args.eval_only:
-                return evaluate_all(model, tokenizer, test_examples, args, step,
-                                    name=f"eval-only-{time.strftime('%Y%m%d-%H%M%S')}")
             train(model, tokenizer, train_examples, test_examples, args)
     except UsageError as e:
         raise SystemExit(f"agrpo: {e}") from None
@@ -1506,8 +1507,9 @@ def main(argv=None):
             raise
         raise SystemExit(f"agrpo: cannot write {e.filename}: {(e.strerror or str(e)).lower()}; nothing saved "
                          "before is lost") from None
-    except Stop:
-        raise SystemExit(f"agrpo: stopped by {signal.Signals(STOP_SIGNALS[0]).name}; nothing was written")
+    except KeyboardInterrupt:  # Ctrl-C outside the training loop: nothing half-written is left
+        print("agrpo: stopped by SIGINT", file=sys.stderr)
+        raise SystemExit(128 + signal.SIGINT) from None
     finally:
         if dist.is_initialized():
             dist.barrier()  # let rank 0 finish writing before any process leaves

@@ -37,8 +37,11 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True)
 def cache_in_tmp(tmp_path, monkeypatch):
-    """The toy warm-up caches its weights under $XDG_CACHE_HOME: each test keeps its own."""
+    """The toy warm-up caches its weights under $XDG_CACHE_HOME: each test keeps its own. A toy run sets its own
+    thread count; each test starts on one."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield
+    torch.set_num_threads(1)
 
 
 EOS, MASK = 0, 3  # toy vocabulary: EOS, a, b, MASK (the mask id can be sampled too: it is in the vocabulary)
@@ -627,14 +630,15 @@ def test_low_confidence_reveals_the_most_confident_positions(toy):
 
 def test_ppo_clip_acts_on_both_sides():
     """-min(r A, clip(r, 1 - eps, 1 + eps) A): the gradient vanishes where the clip binds (A > 0 and r > 1 + eps,
-    A < 0 and r < 1 - eps) and is -A r grad log pi on the other side of each."""
+    A < 0 and r < 1 - eps) and is -A r grad log pi on the other side of each and inside the clip range."""
     model, args = tiny_model(seed=5), toy_args(eos_token_id=99, group_size=1, mc_samples=1, epsilon=0.2)
     rollout = agrpo.generate(model, *prompt(1), args, torch.Generator().manual_seed(0))
     t0 = lambda rollout, L, args, generator=None: (torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1))
     agrpo.step_logprobs(model, rollout, torch.zeros(1, dtype=torch.long), args)[0].sum().backward()
     grad_logp = flat_grad(model)
     position = rollout.positions[0, 0, 0]
-    for advantage, ratio, clipped in [(1.0, 1.5, True), (1.0, 0.5, False), (-1.0, 1.5, False), (-1.0, 0.5, True)]:
+    for advantage, ratio, clipped in [(1.0, 1.5, True), (1.0, 0.5, False), (-1.0, 1.5, False), (-1.0, 0.5, True),
+                                      (1.0, 1.1, False), (-1.0, 0.9, False)]:
         shifted = dataclasses.replace(rollout, logp=rollout.logp.clone())
         shifted.logp[0, position] -= math.log(ratio)  # pi_old as if the policy had moved by this ratio
         with pytest.MonkeyPatch.context() as patch:
@@ -1529,16 +1533,17 @@ def test_diffu_grpo_runs_end_to_end_and_its_ratio_moves_only_after_an_update(tmp
 
 
 def test_toy_weights_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
-    """The toy run, its warm-up included, runs on one thread whatever the machine's threads or OMP_NUM_THREADS:
-    warm-ups begun with 2 threads and with 1 give the same weights (on two threads they part after 20 steps)."""
+    """The toy run, its warm-up included, runs on a fixed number of threads whatever the machine's threads or
+    OMP_NUM_THREADS: warm-ups begun with 1 and with 3 threads give the same weights (on 1 and 2 threads they
+    part within 20 steps)."""
     weights = []
-    for threads in (2, 1):
+    for threads in (1, 3):
         torch.set_num_threads(threads)
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / str(threads)))
         args = agrpo.parse_args(["--model", "toy", "--toy-warmup-steps", "20", "--train-examples", "8"])
         model = agrpo.setup(args)[0]
         weights.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
-    assert torch.get_num_threads() == 1 and torch.equal(*weights)
+    assert torch.get_num_threads() == agrpo.TOY_THREADS and torch.equal(*weights)
 
 
 def test_lora_on_the_toy_works_and_a_wrong_target_names_the_layers(tmp_path):
