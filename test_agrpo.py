@@ -423,15 +423,19 @@ def test_diffu_grpo_is_biased_and_agrpo_is_not():
 
 
 def test_diffu_grpo_log_probs_are_one_masked_forward_and_one_iteration_has_ratio_1(toy):
-    """diffu-GRPO's per-token log-probs are log softmax of the raw logits of one forward pass on the masked prompt
-    and an all-mask completion (temperature 1, no truncation, whatever the sampler used), as computed here
-    directly; with one gradient step per batch its ratio is exactly 1, and the KL term takes no ratio factor."""
+    """diffu-GRPO masks each prompt token with probability p_mask_prompt; its per-token log-probs are log softmax
+    of the raw logits of one forward pass on the masked prompt and an all-mask completion (temperature 1, no
+    truncation, whatever the sampler used), as computed here directly; with one gradient step per batch its
+    ratio is exactly 1."""
     model, tokenizer = toy
     args = toy_run_args(tokenizer, estimator="diffu-grpo", p_mask_prompt=0.5)
     ids, mask = toy_prompts(tokenizer, ["12+7=", "12+7="])
     rollout = agrpo.generate(model, ids, mask, args, torch.Generator().manual_seed(0))
     masked = agrpo.mask_prompt(ids, args, torch.Generator().manual_seed(1))
     assert (masked == args.mask_token_id).any() and (masked != args.mask_token_id).any()
+    many = agrpo.mask_prompt(torch.ones(1000, 100, dtype=torch.long), dataclasses.replace(args, p_mask_prompt=0.15),
+                             torch.Generator().manual_seed(2))
+    assert abs((many == args.mask_token_id).double().mean() - 0.15) < 0.005  # each token with p: SE 0.0011
     C, P = args.completion_length, ids.shape[1]
     full = model(input_ids=torch.cat([masked, torch.full((2, C), args.mask_token_id)], 1)).logits[:, P:]
     direct = full.log_softmax(-1).gather(-1, rollout.tokens[..., None]).squeeze(-1)
@@ -1999,6 +2003,8 @@ def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
                                                     "--prompts-per-step 8 --micro-batch-size 8"),
     (["--model", "toy", "--task", "chess"], "argument --task: invalid choice: 'chess'"),
     (["--resume", "nowhere"], "--resume nowhere: nowhere holds no run"),
+    (["--model", "toy", "--update-schedule", "released", "--prompts-per-step", "4"], "--update-schedule released needs "
+                                                                                  "an even number of micro-batches"),
 ])
 def test_bad_input_ends_with_one_clear_message(argv, message):
     """Each malformed setting ends with one sentence naming the fix (SystemExit), before anything runs."""
