@@ -1258,6 +1258,14 @@ def test_reward_sudoku_prompt_examples_are_generated_and_solve_their_puzzles():
         assert reward.count_sudoku_solutions(grid) == 1 and all(p in ("0", g) for p, g in zip(puzzle, grid))
 
 
+def test_prompts_visit_every_example_once_an_epoch_in_a_fresh_order():
+    """The training stream visits all examples once per epoch, each epoch in its own seeded order."""
+    examples = list(range(50))
+    first, second = agrpo.prompts_at(examples, 333, 0, 50), agrpo.prompts_at(examples, 333, 50, 50)
+    assert sorted(first) == sorted(second) == examples and first != second
+    assert agrpo.prompts_at(examples, 333, 45, 10) == first[45:] + second[:5]
+
+
 def test_data_solvers():
     """The brute-force checkers find countdown solutions and count sudoku solutions correctly."""
     assert reward.solve_countdown([30, 100, 93], 23) is not None
@@ -1571,6 +1579,9 @@ def test_a_programming_error_keeps_its_traceback(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="shapes do not match") as error:
         agrpo.main(FAST + ["--max-steps", "1", "--output-dir", str(tmp_path)])
     assert any(entry.name == "rl_step" for entry in error.traceback)
+    monkeypatch.setattr(agrpo, "clipped_surrogate", lambda *a, **k: (_ for _ in ()).throw(OSError("device lost")))
+    with pytest.raises(OSError, match="device lost"):  # an OSError naming no file is no usage error either
+        agrpo.main(FAST + ["--max-steps", "1", "--output-dir", str(tmp_path / "2")])
     with pytest.raises(SystemExit, match="--top-p 2.0: must be in"):
         agrpo.main(FAST + ["--top-p", "2"])
 
@@ -1764,8 +1775,10 @@ def test_config_file_mistakes_end_with_one_sentence(tmp_path, monkeypatch, name,
     if name:
         (tmp_path / name).write_text(text)
         argv = [name]
-    with pytest.raises(SystemExit, match=message):
-        agrpo.main(argv)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(agrpo, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the settings were taken"))
+        with pytest.raises(SystemExit, match=message):
+            agrpo.main(argv)
     config = tmp_path / "ok.json"
     config.write_text('{"model": "toy", "max_steps": null}')  # null is a value where a setting may be unset
     assert agrpo.parse_args([str(config)]).max_steps is None
@@ -1831,7 +1844,7 @@ def test_latest_export_says_what_it_exports_and_skips_the_warm_up(tmp_path, monk
     """--resume latest --task T picks the newest run of that task; --export says which checkpoint it merged, and
     a toy checkpoint without adapters (it holds every weight) is exported without repeating the warm-up."""
     monkeypatch.chdir(tmp_path)
-    agrpo.main(FAST + ["--max-steps", "1"])
+    agrpo.main(FAST + ["--max-steps", "1", "--toy-warmup-steps", "1"])
     agrpo.main(["--task", "sudoku"] + FAST[2:] + ["--max-steps", "1"])  # the newest run is another task's
     monkeypatch.setattr(agrpo, "warm_up_toy", lambda *a, **k: pytest.fail("the warm-up ran"))
     capsys.readouterr()
@@ -1925,18 +1938,24 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
 
 
 def test_torchrun_works_with_the_toy_defaults(tmp_path):
-    """torchrun --nproc_per_node 2 agrpo.py --model toy --device cpu runs with the preset's batch settings, and
-    tokens_per_second counts both processes' completions."""
+    """torchrun --nproc_per_node 2 agrpo.py --model toy --device cpu runs with the preset's batch settings,
+    tokens_per_second counts both processes' completions, and the evaluation's rows, drawn on two processes,
+    come back whole and in the test set's order."""
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", str(free_port()), AGRPO, "--task", "countdown", "--model", "toy",
-                             "--device", "cpu", "--max-steps", "1", "--eval-every", "0", "--train-examples", "64",
-                             "--toy-warmup-steps", "0", "--output-dir", str(tmp_path / "run")],
+                             "--device", "cpu", "--max-steps", "1", "--eval-every", "1", "--eval-examples", "6",
+                             "--train-examples", "64", "--toy-warmup-steps", "0", "--output-dir",
+                             str(tmp_path / "run")],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    (line,) = metric_lines(tmp_path / "run")
+    (line,) = [m for m in metric_lines(tmp_path / "run") if "reward" in m]
     args = Args(**{**agrpo.TOY})
-    assert line["tokens_per_second"] == pytest.approx(args.prompts_per_step * args.group_size * 
+    assert line["tokens_per_second"] == pytest.approx(args.prompts_per_step * args.group_size *
         args.completion_length / sum(line[f"seconds_{k}"] for k in ("generate", "grade", "train")))
+    rows = [json.loads(r) for r in open(tmp_path / "run" / "eval-step1-T12.jsonl")]
+    test = reward.load_examples("countdown", "test", "synthetic", n=6)
+    assert [r["index"] for r in rows] == list(range(6))
+    assert [r["question"] for r in rows] == [e["question"] for e in test]
 
 
 def free_port():
@@ -1986,6 +2005,7 @@ def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
                                                          ".* 1, 2, 5, 10"),
     (["--model", "toy", "--eval-sampling-steps", "5"], "--eval-sampling-steps 5 does not fit "
                                                         ".*T: 3, 6, 12, 24"),
+    (["--model", "toy", "--sampling-steps", "9"], "--sampling-steps 9 does not fit .*T: 3, 6, 12, 24"),  # 8 tokens / 3
     (["--device", "cuda:0", "--model", "x", "--data", "synthetic"], "CUDA is not available"),
     (["--task", "gsm8k", "--model", "toy"], "no synthetic data"),
     (["--model", "toy", "--lerning-rate", "1"], "unrecognized arguments: --lerning-rate .did you mean "
@@ -2006,10 +2026,11 @@ def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
     (["--model", "toy", "--update-schedule", "released", "--prompts-per-step", "4"], "--update-schedule released needs "
                                                                                   "an even number of micro-batches"),
 ])
-def test_bad_input_ends_with_one_clear_message(argv, message):
+def test_bad_input_ends_with_one_clear_message(argv, message, monkeypatch):
     """Each malformed setting ends with one sentence naming the fix (SystemExit), before anything runs."""
     if "cuda" in " ".join(argv) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
+    monkeypatch.setattr(agrpo, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the settings were taken"))
     with pytest.raises(SystemExit, match=message):
         agrpo.main(argv)
 
