@@ -1,19 +1,10 @@
 """AGRPO: policy gradients for masked diffusion language models, in one file.
 
-Reference implementation of "Simple Policy Gradients for Reasoning with Diffusion Language Models"
-(A. Zhan, arXiv 2510.04019). The method comes first, in the order of the paper's argument:
-
-  1. Config           every hyperparameter, the authors' settings as defaults
-  2. Loading          LLaDA-8B-Instruct, plain LoRA
-  3. Sampler          generation as a Markov decision process over denoising steps
-  4. Advantages       rewards (reward.py) and group-relative advantages
-  5. Policy gradients AGRPO's amortized Monte Carlo estimator, and beside it the baseline the paper argues
-                      against, diffu-GRPO's one-step mean-field estimate
-  6. Training         the training step and the loop, on one GPU or many (torchrun)
-  7. Evaluation       decoding of the test split at one or several step counts
-
-The plumbing follows, none of it AGRPO: the offline toy model and its supervised warm-up, runs and
-checkpoints, Ctrl-C, curves, the command line. `python agrpo.py --help` explains every flag;
+Reference implementation of "Simple Policy Gradients for Reasoning with Diffusion Language Models" (A. Zhan,
+arXiv 2510.04019). The method comes first, in the paper's order: 1 config, 2 loading, 3 the sampler (generation
+as a Markov decision process over denoising steps), 4 rewards and group advantages, 5 the policy gradients
+(AGRPO's Monte Carlo estimator beside diffu-GRPO's biased mean-field one), 6 training, 7 evaluation. The
+plumbing follows, none of it AGRPO. `python agrpo.py --help` explains every flag, and
 `python agrpo.py --task countdown --model toy --device cpu` runs the whole method offline on a CPU.
 """
 import argparse
@@ -806,29 +797,23 @@ def step_metrics(rewards, graded, advantages, tokens, stats, grad_norms, schedul
                "clip_low": clip_low.mean(), "clip_high": clip_high.mean(), "kl": kl.mean(),
                "grad_norm": torch.stack(grad_norms).mean(), "lr": schedule.get_last_lr()[0],
                **{f"seconds_{k}": v for k, v in seconds.items()}}
-    metrics = mean_over_ranks(metrics, args)
-    metrics["ratio_max_dev"] = max_over_ranks(ratio_max_dev.max(), args)
+    metrics = over_ranks(metrics, args, "mean")
+    peaks = {"ratio_max_dev": ratio_max_dev.max()}
+    if args.device.startswith("cuda"):
+        peaks["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    metrics.update(over_ranks(peaks, args, "max"))
     completion_tokens = args.prompts_per_step * args.group_size * args.completion_length  # all processes'
     metrics["tokens_per_second"] = completion_tokens / sum(metrics[f"seconds_{k}"] for k in seconds)
-    if args.device.startswith("cuda"):
-        metrics["peak_memory_gb"] = max_over_ranks(torch.cuda.max_memory_allocated() / 1e9, args)
     return metrics
 
 
-def mean_over_ranks(metrics, args):
-    """The metrics as plain floats, averaged over processes."""
+def over_ranks(metrics, args, how):
+    """The metrics as plain floats, their mean or their max over processes."""
     values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=args.device)
     if world()[1] > 1:
-        dist.all_reduce(values)
-        values /= world()[1]
+        dist.all_reduce(values, op=dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.SUM)
+        values /= world()[1] if how == "mean" else 1
     return dict(zip(metrics, values.tolist()))
-
-
-def max_over_ranks(value, args):
-    value = torch.tensor(float(value), dtype=torch.float64, device=args.device)
-    if world()[1] > 1:
-        dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return value.item()
 
 
 def pretrained_class(name):
@@ -998,8 +983,12 @@ def find_resume(resume, output_dir, task=None):
     if resume == "latest" and not output_dir:
         runs = [os.path.join("runs", d) for d in os.listdir("runs")] if os.path.isdir("runs") else []
         runs = [r for r in runs if is_run(r) and task in (None, run_setting(r, "task"))]
-        require(runs, f"there is no run{f' of {task}' if task else ''} under runs/ to resume; give its directory, "
-                "or drop --resume")
+        busy = [r for r in runs if being_written(r)]
+        for r in busy:
+            say(f"resume: passing over {r}, which another process is writing")
+        runs = [r for r in runs if r not in busy]
+        require(runs, f"there is no run{f' of {task}' if task else ''} under runs/ to resume"
+                f"{' that no other process is writing' if busy else ''}; give its directory, or drop --resume")
         output_dir = max(runs, key=lambda r: max(e.stat().st_mtime for e in os.scandir(r)))
     run = output_dir if resume == "latest" else resume
     require(is_run(run), f"--resume {resume}: {run} holds no run; give a run or checkpoint directory")
@@ -1011,6 +1000,31 @@ def find_resume(resume, output_dir, task=None):
     for bad in found[found.index(good[-1]) + 1:] if good else []:
         say(f"resume: {bad} cannot be read (damaged or cut short); going on from {good[-1]}")
     return run, (good or [None])[-1]
+
+
+def lock_run(run):
+    """Lock run/.lock for this process, or None if a live process holds it (it is writing the run). The
+    operating system drops a lock when its process ends, however it ends: a crashed run is never locked."""
+    import fcntl
+    f = open(os.path.join(run, ".lock"), "a")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return f
+    except BlockingIOError:
+        f.close()
+
+
+def being_written(run):
+    try:
+        lock = lock_run(run)
+    except OSError:  # no lock can be taken there (a read-only directory): no process is writing the run
+        return False
+    if lock:
+        lock.close()
+    return lock is None
+
+
+RUN_LOCKS = []  # the lock of the run this command writes, held until main() ends
 
 
 def new_run_dir(task):
@@ -1035,6 +1049,9 @@ def open_run(args):
         require(not is_run(args.output_dir) and not os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")),
                 f"{args.output_dir} already holds a run: continue it with --resume {args.output_dir}, or choose "
                 "another --output-dir")
+    lock = lock_run(args.output_dir)
+    require(lock, f"{args.output_dir} was taken by another run started at the same moment; start again")
+    RUN_LOCKS.append(lock)
     write_atomically(os.path.join(args.output_dir, "config.json"), json.dumps(dataclasses.asdict(args), indent=1))
     return args.output_dir
 
@@ -1151,28 +1168,25 @@ def resume_command(args):
 # ----------------------------------------------------------------------------------------------------------
 # Ctrl-C and SIGTERM: stop between steps, save, say how to resume
 class Stop(Exception):
-    """Ctrl-C or SIGTERM came (stop_on_signals): raised between training steps."""
+    """A signal came (stop_on_signals): raised between training steps."""
 
 
 STOP_SIGNALS = []
 
 
 def stop_if_asked(args):
-    """Raise Stop if a signal came, to this process or (under DDP) to any."""
-    stop = bool(STOP_SIGNALS)
+    """Raise Stop if a signal came to this process or, under DDP, to any."""
+    stop = torch.tensor(float(bool(STOP_SIGNALS)), device=args.device)
     if world()[1] > 1:
-        flag = torch.tensor(float(stop), device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag)
+        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
     if stop:
         raise Stop
 
 
 @contextlib.contextmanager
 def stop_on_signals():
-    """Ctrl-C (SIGINT) and SIGTERM ask the loop to stop after the step in progress: a checkpoint of it is
-    written and the resume command printed. A second signal stops at once; the checkpoints already written
-    are intact (they are written atomically)."""
+    """Ctrl-C (SIGINT) or SIGTERM: stop after the step in progress, save it, print how to resume. A second
+    signal stops at once (the checkpoints written are intact: they are written atomically)."""
     def ask(signum, frame):
         if STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
@@ -1365,6 +1379,8 @@ def parse_args(argv=None):
         run, checkpoint = find_resume(chosen["resume"], chosen.get("output_dir"), chosen.get("task"))
         require(os.path.abspath(chosen.get("output_dir") or run) == os.path.abspath(run), f"--output-dir "
                 f"{chosen.get('output_dir')}: a resumed run stays in its own directory, {run}; drop --output-dir")
+        require(chosen.get("eval_only") or chosen.get("export") or not being_written(run), f"{run} is being written "
+                "by another process; wait for it to end, or stop it with Ctrl-C, then resume it")
         saved = saved_settings(checkpoint or run, chosen)
         chosen.update(output_dir=run, resume=checkpoint or run)  # no checkpoint: the run restarts
         say(f"resume: {checkpoint or run} ({saved.get('task')}, {saved.get('estimator', 'agrpo')})")
@@ -1511,6 +1527,9 @@ def main(argv=None):
         print("agrpo: stopped by SIGINT", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     finally:
+        for lock in RUN_LOCKS:
+            lock.close()
+        RUN_LOCKS.clear()
         if dist.is_initialized():
             dist.barrier()  # let rank 0 finish writing before any process leaves
             dist.destroy_process_group()

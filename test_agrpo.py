@@ -1680,8 +1680,8 @@ def test_mismatched_checkpoint_is_refused_and_a_corrupt_newest_one_is_passed_ove
     capsys.readouterr()
     agrpo.main(["--resume", os.path.join(out, "checkpoint-1"), "--max-steps", "3"])
     assert "checkpoint-1" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == ["checkpoint-1", "checkpoint-2", "checkpoint-2.unreadable", "checkpoint-3",
-                                       "config.json", "curves.svg", "metrics.jsonl"]
+    assert sorted(os.listdir(out)) == [".lock", "checkpoint-1", "checkpoint-2", "checkpoint-2.unreadable",
+                                       "checkpoint-3", "config.json", "curves.svg", "metrics.jsonl"]
     assert [m["step"] for m in metric_lines(out)] == [1, 2, 3]
     with open(os.path.join(out, "checkpoint-3", "state.pt"), "r+b") as f:
         f.truncate(100)
@@ -1876,7 +1876,8 @@ def test_latest_never_continues_another_run(tmp_path, monkeypatch):
     crashed = agrpo.new_run_dir("countdown")  # a second run, in the same second
     assert crashed == os.path.join("runs", "countdown-same-second-2")
     args = agrpo.parse_args(FAST + ["--max-steps", "1", "--output-dir", crashed])
-    agrpo.open_run(args)  # a run that died before its first checkpoint
+    agrpo.open_run(args)  # a run that died before its first checkpoint (and so let go of its lock)
+    agrpo.RUN_LOCKS.pop().close()
     with open(os.path.join(crashed, "metrics.jsonl"), "w") as f:
         f.write('{"step": 1, "reward": 0.0}\n')
     with pytest.raises(agrpo.UsageError, match=f"the newest run, {crashed}, has no checkpoint yet: restart it with "
@@ -1901,6 +1902,11 @@ def test_two_runs_at_once_then_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp
     deadline = time.time() + 60
     while len(glob.glob(str(tmp_path / "runs" / "*" / "metrics.jsonl"))) < 2 and time.time() < deadline:
         time.sleep(0.2)
+    monkeypatch.chdir(tmp_path)  # as the user: in the directory the runs started from
+    with pytest.raises(agrpo.UsageError, match="no run under runs/ to resume that no other process is writing"):
+        agrpo.find_resume("latest", None)  # --resume latest passes over both
+    with pytest.raises(SystemExit, match="is being written by another process; wait for it to end"):
+        agrpo.main(["--resume", os.path.dirname(glob.glob("runs/*/metrics.jsonl")[0])])
     runs[0].send_signal(signal.SIGINT)
     runs[1].send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=60) for p in runs]
@@ -1914,7 +1920,6 @@ def test_two_runs_at_once_then_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp
         (checkpoint,) = agrpo.checkpoints(str(tmp_path / run))
         step = int(checkpoint.rsplit("-", 1)[1])
         assert step >= 1 and [m["step"] for m in metric_lines(tmp_path / run)] == list(range(1, step + 1))
-    monkeypatch.chdir(tmp_path)  # as the user: in the directory the runs started from
     agrpo.main(line.split("resume with: python agrpo.py ")[1].split() + ["--max-steps", str(step + 1)])
     assert [m["step"] for m in metric_lines(tmp_path / run)] == list(range(1, step + 2))
 
@@ -1935,6 +1940,8 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path):
     assert process.returncode == -signal.SIGINT, (process.returncode, out, err[-2000:])
     assert "stopping after the step in progress" in out
     assert not glob.glob(str(tmp_path / "runs" / "*" / "*tmp*"))
+    (run,) = glob.glob(str(tmp_path / "runs" / "*"))
+    assert not agrpo.being_written(run)  # a killed process holds no lock: its run can be resumed
 
 
 def test_torchrun_works_with_the_toy_defaults(tmp_path):
