@@ -1888,6 +1888,16 @@ def test_latest_never_continues_another_run(tmp_path, monkeypatch):
     assert agrpo.checkpoints(os.path.join("runs", "countdown-same-second"))  # the older run is untouched
 
 
+def test_latest_takes_a_run_whose_lock_cannot_be_taken(tmp_path, monkeypatch):
+    """A run whose lock file cannot be opened (a read-only copy, say) is not one in progress: latest takes it."""
+    monkeypatch.chdir(tmp_path)
+    os.makedirs("runs/copy/.lock")  # open(".lock", "a") fails
+    with open("runs/copy/config.json", "w") as f:
+        json.dump({"task": "countdown"}, f)
+    with pytest.raises(agrpo.UsageError, match="the newest run, runs/copy, has no checkpoint yet"):
+        agrpo.find_resume("latest", None)
+
+
 def run_agrpo(argv, cwd, **kw):
     """agrpo.py in a fresh interpreter, as a user starts it."""
     return subprocess.Popen([sys.executable, AGRPO, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
