@@ -137,9 +137,9 @@ class Args:
 # wins. It evaluates, at the start and the end, the policy it trains (sampled at the training temperature, random
 # unmasking): AGRPO improves what the policy samples; greedy decoding of a model this small barely moves.
 TOY = dict(data="synthetic", device="cpu", dtype="float32", mask_token_id=2, lora_rank=0,
-           lora_targets="query,key,value,dense", learning_rate=6e-4, max_steps=300, prompts_per_step=8,
+           lora_targets="query,key,value,dense", learning_rate=6e-4, max_steps=150, prompts_per_step=8,
            group_size=8, micro_batch_size=32, completion_length=24, block_length=8, sampling_steps=12,
-           mc_samples=4, top_k=0, top_p=1.0, temperature=1.0, eval_every=300, eval_completion_length=24,
+           mc_samples=4, top_k=0, top_p=1.0, temperature=1.0, eval_every=150, eval_completion_length=24,
            eval_block_length=8, eval_sampling_steps="12", eval_unmasking="random", eval_temperature=1.0,
            eval_batch_size=64)
 TOY_THREADS = 2  # the toy's threads, shared by its processes: the 2 cores of the machine this project is built on
@@ -895,13 +895,17 @@ def warm_up_toy(model, tokenizer, args, batch=32, lr=2e-3):
     examples = reward.load_examples(args.task, "train", "synthetic", n=n, seed=args.seed)
     answers = tokenizer([toy_answer(args.task, ex) for ex in examples], add_special_tokens=False)["input_ids"]
     answers = torch.tensor([(ids + [args.eos_token_id] * C)[:C] for ids in answers])
+    prompts = tokenizer(prompt_texts(tokenizer, examples, args), add_special_tokens=False)["input_ids"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     generator = torch.Generator().manual_seed(args.seed)
     positions = torch.arange(C).expand(batch, -1)
     for _ in tqdm(range(steps), desc="toy warm-up (not AGRPO)", disable=world()[0] > 0, leave=False):
         rows = torch.randint(len(examples), (batch,), generator=generator)
-        prompt, prompt_mask = (v.cpu() for v in tokenize_prompts(tokenizer, [examples[i] for i in rows], args))
+        ids = [prompts[i] for i in rows]
+        P = max(map(len, ids))  # left-padded to the longest, as tokenize_prompts pads
+        prompt = torch.tensor([[tokenizer.pad_token_id] * (P - len(p)) + p for p in ids])
+        prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in ids])
         x0 = answers[rows]
         t = ((torch.randperm(batch, generator=generator) + torch.rand(batch, generator=generator)) / batch)
         t = t.clamp_min(1e-3)[:, None]

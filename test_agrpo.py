@@ -1791,7 +1791,8 @@ def test_flags_that_would_do_nothing_are_refused_or_take_effect(tmp_path, monkey
     assert args.max_steps is None and args.num_train_epochs == 1
     with pytest.raises(SystemExit):
         agrpo.main(["--help"])
-    assert re.search(r"--max-steps N\s+Training steps;.*\(toy:\s+300\)", " ".join(capsys.readouterr().out.split()))
+    shown = " ".join(capsys.readouterr().out.split())
+    assert re.search(rf"--max-steps N\s+Training steps;.*\(toy:\s+{agrpo.TOY['max_steps']}\)", shown)
     run = str(tmp_path / "run")
     agrpo.main(FAST + ["--max-steps", "1", "--output-dir", run])
     with pytest.raises(SystemExit, match="--output-dir .*elsewhere: a resumed run stays in its own directory, "):
