@@ -1013,9 +1013,12 @@ def lock_run(run):
     f = open(os.path.join(run, ".lock"), "a")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        return f
     except BlockingIOError:
         f.close()
+        return None
+    except OSError:  # a file system without locks (some network ones): the run goes on, unguarded
+        pass
+    return f
 
 
 def being_written(run):

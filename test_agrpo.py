@@ -9,6 +9,7 @@
 """
 import copy
 import dataclasses
+import errno
 import glob
 import itertools
 import json
@@ -1889,14 +1890,24 @@ def test_latest_never_continues_another_run(tmp_path, monkeypatch):
     assert agrpo.checkpoints(os.path.join("runs", "countdown-same-second"))  # the older run is untouched
 
 
-def test_latest_takes_a_run_whose_lock_cannot_be_taken(tmp_path, monkeypatch):
-    """A run whose lock file cannot be opened (a read-only copy, say) is not one in progress: latest takes it."""
+def test_runs_where_no_lock_can_be_taken_still_train_and_resume(tmp_path, monkeypatch):
+    """A run whose lock file cannot be opened (a read-only copy, say) is not one in progress: latest takes it.
+    On a file system without locks (flock fails, as on some network ones) a run trains and resumes unguarded."""
     monkeypatch.chdir(tmp_path)
     os.makedirs("runs/copy/.lock")  # open(".lock", "a") fails
     with open("runs/copy/config.json", "w") as f:
         json.dump({"task": "countdown"}, f)
     with pytest.raises(agrpo.UsageError, match="the newest run, runs/copy, has no checkpoint yet"):
         agrpo.find_resume("latest", None)
+    import fcntl
+
+    def no_locks(*_):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    agrpo.main(FAST + ["--max-steps", "1", "--output-dir", "runs/unlocked"])
+    agrpo.main(["--resume", "latest", "--max-steps", "2"])
+    assert [m["step"] for m in metric_lines("runs/unlocked")] == [1, 2]
 
 
 def run_agrpo(argv, cwd, **kw):
