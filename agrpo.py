@@ -1022,13 +1022,16 @@ def lock_run(run):
 
 
 def being_written(run):
+    """Whether a live process holds run/.lock, looked at read-only (no lock file is made where none is)."""
+    import fcntl
     try:
-        lock = lock_run(run)
-    except OSError:  # no lock can be taken there (a read-only directory): no process is writing the run
-        return False
-    if lock:
-        lock.close()
-    return lock is None
+        with open(os.path.join(run, ".lock")) as f:
+            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while lock_run's exclusive lock is held
+    except BlockingIOError:
+        return True
+    except OSError:  # no lock file (a run from before locks), or none can be opened or taken: not in progress
+        pass
+    return False
 
 
 RUN_LOCKS = []  # the lock of the run this command writes, held until main() ends

@@ -1891,14 +1891,19 @@ def test_latest_never_continues_another_run(tmp_path, monkeypatch):
 
 
 def test_runs_where_no_lock_can_be_taken_still_train_and_resume(tmp_path, monkeypatch):
-    """A run whose lock file cannot be opened (a read-only copy, say) is not one in progress: latest takes it.
-    On a file system without locks (flock fails, as on some network ones) a run trains and resumes unguarded."""
+    """A run whose lock file cannot be opened (a read-only copy, say) is not one in progress: latest takes it;
+    looking for the newest run leaves the others as they are (no lock file made). On a file system without
+    locks (flock fails, as on some network ones) a run trains and resumes unguarded."""
     monkeypatch.chdir(tmp_path)
-    os.makedirs("runs/copy/.lock")  # open(".lock", "a") fails
-    with open("runs/copy/config.json", "w") as f:
-        json.dump({"task": "countdown"}, f)
+    for run in ("runs/old", "runs/copy"):
+        os.makedirs(run)
+        with open(f"{run}/config.json", "w") as f:
+            json.dump({"task": "countdown"}, f)
+    os.utime("runs/old/config.json", (time.time() - 1000,) * 2)  # a run without a lock file, written long ago
+    os.makedirs("runs/copy/.lock")  # open(".lock") fails
     with pytest.raises(agrpo.UsageError, match="the newest run, runs/copy, has no checkpoint yet"):
         agrpo.find_resume("latest", None)
+    assert not os.path.exists("runs/old/.lock")
     import fcntl
 
     def no_locks(*_):
