@@ -1186,9 +1186,11 @@ STOP_SIGNALS = []
 
 def stop_if_asked(args):
     """Raise Stop if a signal came to this process or, under DDP, to any."""
-    stop = torch.tensor(float(bool(STOP_SIGNALS)), device=args.device)
-    if world()[1] > 1:
-        dist.all_reduce(stop, op=dist.ReduceOp.MAX)
+    stop = bool(STOP_SIGNALS)
+    if world()[1] > 1:  # (one process: no tensor, no sync)
+        flag = torch.tensor(float(stop), device=args.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop = bool(flag)
     if stop:
         raise Stop
 
