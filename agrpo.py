@@ -812,7 +812,8 @@ def over_ranks(metrics, args, how):
     values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=args.device)
     if world()[1] > 1:
         dist.all_reduce(values, op=dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.SUM)
-        values /= world()[1] if how == "mean" else 1
+        if how == "mean":
+            values /= world()[1]
     return dict(zip(metrics, values.tolist()))
 
 
@@ -895,17 +896,13 @@ def warm_up_toy(model, tokenizer, args, batch=32, lr=2e-3):
     examples = reward.load_examples(args.task, "train", "synthetic", n=n, seed=args.seed)
     answers = tokenizer([toy_answer(args.task, ex) for ex in examples], add_special_tokens=False)["input_ids"]
     answers = torch.tensor([(ids + [args.eos_token_id] * C)[:C] for ids in answers])
-    prompts = tokenizer(prompt_texts(tokenizer, examples, args), add_special_tokens=False)["input_ids"]
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
     generator = torch.Generator().manual_seed(args.seed)
     positions = torch.arange(C).expand(batch, -1)
     for _ in tqdm(range(steps), desc="toy warm-up (not AGRPO)", disable=world()[0] > 0, leave=False):
         rows = torch.randint(len(examples), (batch,), generator=generator)
-        ids = [prompts[i] for i in rows]
-        P = max(map(len, ids))  # left-padded to the longest, as tokenize_prompts pads
-        prompt = torch.tensor([[tokenizer.pad_token_id] * (P - len(p)) + p for p in ids])
-        prompt_mask = torch.tensor([[0] * (P - len(p)) + [1] * len(p) for p in ids])
+        prompt, prompt_mask = (v.cpu() for v in tokenize_prompts(tokenizer, [examples[i] for i in rows], args))
         x0 = answers[rows]
         t = ((torch.randperm(batch, generator=generator) + torch.rand(batch, generator=generator)) / batch)
         t = t.clamp_min(1e-3)[:, None]
