@@ -13,7 +13,6 @@ import dataclasses
 import difflib
 import functools
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -41,7 +40,6 @@ def arg(default, help, group=None):
     """A field of Args: its default and its --help text; `group` starts a new --help section at this field."""
     return field(default=default, metadata={"help": help, "group": group})
 
-
 @dataclass
 class Args:
     task: Literal["countdown", "gsm8k", "math500", "sudoku"] = arg(
@@ -50,12 +48,10 @@ class Args:
                      "a tiny one offline and changes the defaults marked 'toy' to a CPU-sized run.")
     data: Literal["hub", "synthetic"] = arg("hub", "Where examples come from: the paper's hub data sets, or "
                                             "seeded offline generators (countdown, sudoku).")
-    toy_warmup_steps: int = arg(2000, "--model toy only, not part of AGRPO: supervised masked-diffusion steps "
-                                "that give the random toy a start that earns reward; cached under "
-                                "$XDG_CACHE_HOME/agrpo (0: none).")
-    gsm8k_test: Literal["platinum", "openai"] = arg(
-        "platinum", "GSM8K test set: madrylab/gsm8k-platinum (the authors' choice, label errors fixed) or "
-                    "openai/gsm8k.")
+    toy_warmup_steps: int = arg(2000, "--model toy only, not AGRPO: supervised masked-diffusion steps that give "
+                                "the random toy a start that earns reward, cached in $XDG_CACHE_HOME/agrpo (0: none).")
+    gsm8k_test: Literal["platinum", "openai"] = arg("platinum", "GSM8K test set: madrylab/gsm8k-platinum (the "
+                                                    "authors' choice, label errors fixed) or openai/gsm8k.")
     device: str = arg("cuda", "Torch device: cuda, cuda:N or cpu.")
     dtype: Literal["bfloat16", "float32"] = arg("bfloat16", "Model weights' dtype.")
     mask_token_id: int = arg(126336, "Id of the mask token (LLaDA: 126336).")
@@ -65,9 +61,8 @@ class Args:
     lora_rank: int = arg(64, "LoRA rank r; 0 trains all weights.", group="LoRA (the authors' adapters)")
     lora_alpha: float = arg(64.0, "LoRA alpha (the update is scaled by alpha / r).")
     lora_dropout: float = arg(0.0, "Dropout on the LoRA input.")
-    lora_targets: str = arg("q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out",
-                            "Comma-separated names of the linear layers that get adapters (LLaDA's names; the "
-                            "toy's are query,key,value,dense).")
+    lora_targets: str = arg("q_proj,k_proj,v_proj,attn_out,ff_proj,up_proj,ff_out", "Comma-separated names of "
+                            "the linear layers that get adapters (LLaDA's; the toy's are query,key,value,dense).")
     learning_rate: float = arg(5e-6, "AdamW peak learning rate.", group="optimisation")
     adam_beta1: float = arg(0.9, "AdamW beta1.")
     adam_beta2: float = arg(0.99, "AdamW beta2.")
@@ -132,10 +127,9 @@ class Args:
     def eval_steps(self):
         return [int(t) for t in self.eval_sampling_steps.split(",")]
 
-
-# `--model toy`: a CPU-sized run of a few minutes. These are its defaults; a flag typed on the command line still
-# wins. It evaluates, at the start and the end, the policy it trains (sampled at the training temperature, random
-# unmasking): AGRPO improves what the policy samples; greedy decoding of a model this small barely moves.
+# `--model toy`: a CPU-sized run of a few minutes, its defaults (a typed flag still wins). It evaluates, at the start
+# and the end, the policy it trains (sampled at the training temperature, random unmasking): AGRPO improves what
+# the policy samples; greedy decoding of a model this small barely moves.
 TOY = dict(data="synthetic", device="cpu", dtype="float32", mask_token_id=2, lora_rank=0,
            lora_targets="query,key,value,dense", learning_rate=6e-4, max_steps=150, prompts_per_step=8,
            group_size=8, micro_batch_size=32, completion_length=24, block_length=8, sampling_steps=12,
@@ -152,8 +146,7 @@ class LoRALinear(nn.Module):
 
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float):
         super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / rank, True
-        self.dropout = nn.Dropout(dropout)
+        self.base, self.scale, self.enabled, self.dropout = base, alpha / rank, True, nn.Dropout(dropout)
         # float32 even for a bf16 model: updates of lr 5e-6 would vanish in bf16 rounding
         self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
@@ -169,26 +162,25 @@ class LoRALinear(nn.Module):
         self.base.weight.data += (self.lora_B @ self.lora_A).to(self.base.weight.dtype) * self.scale
         return self.base
 
+def swap_module(model, name, module):
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, module)
 
 def add_lora(model, args):
     """Freeze the model and wrap every linear layer named in --lora-targets (no peft needed)."""
-    targets = set(args.lora_targets.split(","))
     model.requires_grad_(False)
     linear = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    hits = [(name, m) for name, m in linear if name.rsplit(".", 1)[-1] in targets]
-    names = sorted({name.rsplit(".", 1)[-1] for name, _ in linear})
-    require(hits, f"--lora-targets {args.lora_targets}: no linear layer of this model has such a name; its "
-            f"layers are named {', '.join(names)} (pick some), or use --lora-rank 0 to train every weight")
+    hits = [(name, m) for name, m in linear if name.rsplit(".", 1)[-1] in args.lora_targets.split(",")]
+    require(hits, f"--lora-targets {args.lora_targets}: no linear layer of this model has such a name; its layers "
+            f"are named {', '.join(sorted({n.rsplit('.', 1)[-1] for n, _ in linear}))} (pick some), or use "
+            "--lora-rank 0 to train every weight")
     tied = [name for name, m in hits if m.weight is model.get_input_embeddings().weight]
     # merging an adapter into a tied output layer would change the input embeddings too
     require(not tied, f"{tied and tied[0]} shares its weight with the input embeddings; leave it out of "
             "--lora-targets")
     for name, module in hits:
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name), child,
-                LoRALinear(module, args.lora_rank, args.lora_alpha, args.lora_dropout))
+        swap_module(model, name, LoRALinear(module, args.lora_rank, args.lora_alpha, args.lora_dropout))
     return model
-
 
 @contextlib.contextmanager
 def adapters_off(model):
@@ -202,31 +194,17 @@ def adapters_off(model):
         for m in loras:
             m.enabled = True
 
-
 def merge_lora(model):
     """Fold the adapters into the weights, for export as a plain transformers model."""
     for name, module in list(model.named_modules()):
         if isinstance(module, LoRALinear):
-            parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), child, module.merged())
+            swap_module(model, name, module.merged())
     return model
 
-
 def load_model_and_tokenizer(args, warm_up=True):
-    """LLaDA-8B-Instruct (remote code, bf16), a model this program exported, or the toy model (with its
-    warm-up unless `warm_up` is off); fills args.eos_token_id. A model that cannot be loaded is a UsageError."""
-    dtype = getattr(torch, args.dtype)
-    if args.model == "toy":
-        model, tokenizer = toy_model_and_tokenizer(args.seed)
-    else:
-        from transformers import AutoTokenizer
-        try:
-            model_class = pretrained_class(args.model)
-            tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=True, padding_side="left")
-            model = model_class.from_pretrained(args.model, trust_remote_code=True, dtype=dtype)
-        except (OSError, ImportError, ValueError) as e:
-            raise UsageError(f"could not load --model {args.model} ({str(e).strip().splitlines()[0][:200]}); "
-                             "check the name, the network or HF_HOME, or use --model toy for an offline run") from None
+    """LLaDA-8B-Instruct (remote code, bf16), a model this program exported, or the toy model (with its warm-up
+    unless `warm_up` is off), with adapters if --lora-rank > 0; fills args.eos_token_id."""
+    model, tokenizer = toy_model_and_tokenizer(args.seed) if args.model == "toy" else from_pretrained(args)
     if args.eos_token_id is None:
         args.eos_token_id = model.config.eos_token_id if model.config.eos_token_id is not None \
             else tokenizer.eos_token_id
@@ -237,7 +215,7 @@ def load_model_and_tokenizer(args, warm_up=True):
         tokenizer.pad_token = tokenizer.eos_token
     if args.model == "toy" and args.toy_warmup_steps and warm_up:
         warm_up_toy(model, tokenizer, args)
-    model = model.to(device=args.device, dtype=dtype)
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype))
     return (add_lora(model, args) if args.lora_rank > 0 else model), tokenizer
 
 
@@ -259,7 +237,6 @@ class Rollout:
     def __getitem__(self, rows):
         return Rollout(*(None if v is None else v[rows] for v in dataclasses.astuple(self)))
 
-
 def with_completion(prompt_mask, C, rows=slice(None)):
     """The attention mask of prompt + completion, or None when no prompt is padded: LLaDA turns any mask into
     an additive bias (ruling out fused attention kernels) and checks it on the host every forward."""
@@ -268,10 +245,9 @@ def with_completion(prompt_mask, C, rows=slice(None)):
     mask = prompt_mask[rows]
     return torch.cat([mask, mask.new_ones(mask.shape[0], C)], 1)
 
-
 def logits_at(model, input_ids, attention_mask, positions):
     """Logits (B, n, V) at `positions` (B, n) only: the output layer is fed just those hidden states, so the
-    full (B, length, V) logits tensor is never built. Works for any model whose output layer is a module."""
+    full (B, length, V) logits are never built (for any model whose output layer is a module)."""
     head = model.get_output_embeddings()
     if head is None or isinstance(head, nn.Embedding):  # tied through F.linear: slice the full logits
         logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
@@ -287,11 +263,10 @@ def logits_at(model, input_ids, attention_mask, positions):
     finally:
         handle.remove()
 
-
 def truncated_logits(logits, args):
-    """softmax(logits / temperature) restricted to S_i: top-k, then top-p on the renormalised top-k.
-    Returns the candidates' tempered logits (-inf outside S_i), their ids, and |S_i|. With top-p alone the
-    candidates are cut to the widest nucleus of the batch, never the whole vocabulary."""
+    """softmax(logits / temperature) restricted to S_i: top-k, then top-p on the renormalised top-k. Returns the
+    candidates' tempered logits (-inf outside S_i), their ids, and |S_i|. With top-p alone the candidates are cut
+    to the widest nucleus of the batch, never the whole vocabulary."""
     z = logits.float() / args.temperature
     V = z.shape[-1]
     K = min(args.top_k, V) if args.top_k > 0 else V
@@ -305,9 +280,7 @@ def truncated_logits(logits, args):
             z, ids = z[..., :K], ids[..., :K]
     else:
         size = torch.full(z.shape[:-1], K, device=z.device)
-    z = z.masked_fill(torch.arange(K, device=z.device) >= size[..., None], -math.inf)
-    return z, ids, size
-
+    return z.masked_fill(torch.arange(K, device=z.device) >= size[..., None], -math.inf), ids, size
 
 class Draw(typing.NamedTuple):
     """One denoising step's draw at every position of the current block (R rows, BL positions)."""
@@ -317,7 +290,6 @@ class Draw(typing.NamedTuple):
     support: torch.Tensor       # (R, BL, K) its candidate ids, most probable first
     support_size: torch.Tensor  # (R, BL) how many of them it keeps
     confidence: torch.Tensor    # (R, BL) what low_confidence unmasking ranks: logp (greedy: the model's)
-
 
 def sample_tokens(logits, args, generator):
     """Sample every position from its truncated, tempered distribution with float64 Gumbel-max."""
@@ -332,7 +304,6 @@ def sample_tokens(logits, args, generator):
     logp = logq.gather(-1, pick).squeeze(-1)
     return Draw(ids.gather(-1, pick).squeeze(-1), logp, torch.special.entr(logq.exp()).sum(-1), ids, size, logp)
 
-
 @torch.no_grad()
 def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
     """Semi-autoregressive masked diffusion: C/BL blocks left to right, T denoising steps in all, each one
@@ -340,9 +311,7 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
     B, P = prompt_ids.shape
     C, BL, T = args.completion_length, args.block_length, args.sampling_steps
     check_geometry(C, BL, T)
-    blocks, k = C // BL, C // T
-    steps_per_block = T // blocks
-    dev = prompt_ids.device
+    k, steps_per_block, dev = C // T, T // (C // BL), prompt_ids.device
     x = torch.cat([prompt_ids, torch.full((B, C), args.mask_token_id, device=dev)], 1)
     prompt_mask = None if prompt_mask.all() else prompt_mask  # unpadded: no mask, so fused attention kernels
     revealed_at = torch.full((B, C), T, device=dev)  # T: revealed by no step (yet)
@@ -353,126 +322,109 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
     support = torch.zeros(B, C, 0, dtype=torch.long, device=dev) if truncated else None  # widened as needed
     support_size = torch.ones(B, C, dtype=torch.long, device=dev)
     rows = torch.arange(B, device=dev)  # rows still generating
-    t = 0
-    for b in range(blocks):
-        lo, hi = b * BL, (b + 1) * BL
-        block = torch.arange(P + lo, P + hi, device=dev).expand(len(rows), -1)
-        for _ in range(steps_per_block):
-            # 1. one forward pass on s_t; 2. a draw at every position of the block
-            draw = sample_tokens(logits_at(model, x[rows], with_completion(prompt_mask, C, rows), block), args,
-                                 generator)
-            # 3. k positions still masked (a sampled mask id counts as revealed): the most confident, or random
-            priority = draw.confidence if args.unmasking == "low_confidence" else \
-                torch.rand(draw.confidence.shape, device=dev, generator=generator)
-            j = priority.masked_fill(revealed_at[rows, lo:hi] < T, -math.inf).topk(k, dim=-1).indices  # (R, k)
-            # 4. reveal them, and record what the policy gradient needs
-            r = rows[:, None]
-            x[r, P + lo + j] = draw.tokens.gather(1, j)
-            revealed_at[r, lo + j], positions[rows, t] = t, lo + j
-            logp[r, lo + j], entropy[r, lo + j] = draw.logp.gather(1, j), draw.entropy.gather(1, j)
-            support_size[r, lo + j] = draw.support_size.gather(1, j)
-            if support is not None:
-                K = draw.support.shape[-1]
-                support = nn.functional.pad(support, (0, max(K - support.shape[-1], 0)))
-                support[r, lo + j, :K] = draw.support.gather(1, j[..., None].expand(-1, -1, K))
-            t += 1
-        # 5. a block that came out all EOS ends its row; the rest becomes EOS filler, revealed by no step
-        done = (x[rows, P + lo:P + hi] == args.eos_token_id).all(-1)
-        x[rows[done], P + hi:] = args.eos_token_id
-        rows = rows[~done]
-        if len(rows) == 0:
-            break
+    for t in range(T):
+        lo = t // steps_per_block * BL  # the current block: lo .. lo + BL - 1
+        # 1. one forward pass on s_t; 2. a draw at every position of the block
+        block = torch.arange(P + lo, P + lo + BL, device=dev).expand(len(rows), -1)
+        draw = sample_tokens(logits_at(model, x[rows], with_completion(prompt_mask, C, rows), block), args, generator)
+        # 3. k positions still masked (a sampled mask id counts as revealed): the most confident, or random
+        priority = draw.confidence if args.unmasking == "low_confidence" else \
+            torch.rand(draw.confidence.shape, device=dev, generator=generator)
+        j = priority.masked_fill(revealed_at[rows, lo:lo + BL] < T, -math.inf).topk(k, dim=-1).indices  # (R, k)
+        # 4. reveal them, and record what the policy gradient needs
+        r = rows[:, None]
+        x[r, P + lo + j] = draw.tokens.gather(1, j)
+        revealed_at[r, lo + j], positions[rows, t] = t, lo + j
+        logp[r, lo + j], entropy[r, lo + j] = draw.logp.gather(1, j), draw.entropy.gather(1, j)
+        support_size[r, lo + j] = draw.support_size.gather(1, j)
+        if support is not None:
+            K = draw.support.shape[-1]
+            support = nn.functional.pad(support, (0, max(K - support.shape[-1], 0)))
+            support[r, lo + j, :K] = draw.support.gather(1, j[..., None].expand(-1, -1, K))
+        if (t + 1) % steps_per_block == 0:  # 5. a block that came out all EOS ends its row; the rest is EOS
+            done = (x[rows, P + lo:P + lo + BL] == args.eos_token_id).all(-1)  # filler, revealed by no step
+            x[rows[done], P + lo + BL:] = args.eos_token_id
+            rows = rows[~done]
+            if len(rows) == 0:
+                break
     return Rollout(prompt_ids, prompt_mask, x[:, P:], revealed_at, positions, logp, entropy, support, support_size)
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 4. Rewards (reward.py) and group-relative advantages
 def grade(tokenizer, completions, examples, args):
-    """Decode completions (N, C) and grade each with reward.py: a dict with the parts of the shaped reward
-    ("format", "correct"), the evaluation score ("score", is_correct), the answer the grader read and the text."""
+    """Decode completions (N, C) and grade each with reward.py: the parts of the shaped reward ("format",
+    "correct"), the evaluation score ("score", is_correct), the answer the grader read and the text."""
     texts = tokenizer.batch_decode(completions, skip_special_tokens=True)
     return [dict(reward.reward_parts(args.task, text, ex), score=reward.is_correct(args.task, text, ex), text=text)
             for text, ex in zip(texts, examples)]
-
 
 def group_advantages(rewards, group_size, scale="none"):
     """A_i = R_i - mean of its group of G (the authors'); 'std' also divides by the group's standard deviation
     (GRPO's). With the group mean as baseline, E[A_i grad log p_i] = (1 - 1/G) grad J."""
     r = rewards.view(-1, group_size)
     a = r - r.mean(1, keepdim=True)
-    if scale == "std":
-        a = a / (r.std(1, keepdim=True) + 1e-4)
-    return a.flatten()
+    return (a / (r.std(1, keepdim=True) + 1e-4) if scale == "std" else a).flatten()
 
 
 # ----------------------------------------------------------------------------------------------------------
 # 5. Policy gradients: AGRPO's amortized Monte Carlo estimator, and diffu-GRPO's mean-field one beside it
 def trajectory_length(rollout, args):
     """L = (last step that revealed a non-EOS token) + 1; 0 for a completion of nothing but EOS."""
-    real = rollout.revealed_at.masked_fill(rollout.tokens == args.eos_token_id, -1)
-    return real.max(1).values + 1
-
+    return rollout.revealed_at.masked_fill(rollout.tokens == args.eos_token_id, -1).max(1).values + 1
 
 def sample_timesteps(rollout, L, args, generator=None):
-    """Draw M steps per completion from q over 0..L-1 and return them with weights 1 / (L q(t)).
-    q is uniform, or proportional to the entropy revealed at each step; the B*M uniforms are stratified
-    (randperm + U) / (B*M) when low_discrepancy is on. Completions with L = 0 get weight 0."""
+    """Draw M steps per completion from q over 0..L-1 and return them with weights 1 / (L q(t)). q is uniform, or
+    proportional to the entropy revealed at each step; the B*M uniforms are stratified, (randperm + U) / (B*M),
+    when low_discrepancy is on. Completions with L = 0 get weight 0."""
     B, M, T, dev = L.numel(), args.mc_samples, args.sampling_steps, L.device
     u = torch.rand(B * M, dtype=torch.float64, device=dev, generator=generator)
     if args.low_discrepancy:
         u = (torch.randperm(B * M, device=dev, generator=generator) + u) / (B * M)
     live = torch.arange(T, device=dev) < L[:, None]  # steps 0..L-1
+    mass = live.double()
     if args.importance_sampling == "entropy":
-        mass = torch.zeros(B, T, dtype=torch.float64, device=dev)
         # the EOS filler (revealed at T, by no step) lands on step T - 1 with entropy 0: it adds no mass
-        mass.scatter_add_(1, rollout.revealed_at.clamp(max=T - 1), rollout.entropy.double())
+        mass = torch.zeros(B, T, dtype=torch.float64, device=dev).scatter_add_(
+            1, rollout.revealed_at.clamp(max=T - 1), rollout.entropy.double())
         mass = (mass + 1e-8) * live  # + 1e-8: q(t) > 0 on every live step, as unbiasedness needs
-    else:
-        mass = live.double()
     q = mass / mass.sum(1, keepdim=True).clamp_min(1e-30)
     t = torch.searchsorted(q.cumsum(1), u.view(B, M))  # the inverse CDF of q
     t = t.clamp(max=(L - 1).clamp_min(0)[:, None])  # a u that rounding puts past the last cumulative sum
     weight = torch.where(L[:, None] > 0, 1 / (L[:, None] * q.gather(1, t)).clamp_min(1e-30), 0.0)
     return t, weight.float()
 
-
 def step_logprobs(model, rollout, t, args):
-    """log pi(x_i | s_t) of the k tokens each completion revealed at its step t (B,), under the recorded
-    support and temperature. s_t is rebuilt by re-masking every token revealed at step >= t (the EOS
-    filler included: it is marked T). Returns log-probs and positions, both (B, k)."""
+    """log pi(x_i | s_t) of the k tokens each completion revealed at its step t (B,), under the recorded support
+    and temperature; s_t is rebuilt by re-masking every token revealed at step >= t (the EOS filler, marked T,
+    included). Returns log-probs and positions, both (B, k)."""
     pos = rollout.positions[torch.arange(len(t), device=t.device), t]
     state = rollout.tokens.masked_fill(rollout.revealed_at >= t[:, None], args.mask_token_id)
-    ids = torch.cat([rollout.prompt_ids, state], 1)
-    attention = with_completion(rollout.prompt_mask, state.shape[1])
+    ids, attention = torch.cat([rollout.prompt_ids, state], 1), with_completion(rollout.prompt_mask, state.shape[1])
     z = logits_at(model, ids, attention, rollout.prompt_ids.shape[1] + pos).float() / args.temperature
-    token = rollout.tokens.gather(1, pos)
-    if rollout.support is not None:
+    if rollout.support is None:
+        norm = z.logsumexp(-1)
+    else:
         K = rollout.support.shape[-1]
         cand = z.gather(-1, rollout.support.gather(1, pos[..., None].expand(-1, -1, K)))
         outside = torch.arange(K, device=z.device) >= rollout.support_size.gather(1, pos)[..., None]
         norm = cand.masked_fill(outside, -math.inf).logsumexp(-1)
-    else:
-        norm = z.logsumexp(-1)
-    return z.gather(-1, token[..., None]).squeeze(-1) - norm, pos
-
+    return z.gather(-1, rollout.tokens.gather(1, pos)[..., None]).squeeze(-1) - norm, pos
 
 def clipped_surrogate(logp, old_logp, advantages, args):
     """The per-token PPO-clipped term -min(r A, clip(r, 1 - eps, 1 + eps) A), r = exp(logp - logp_old); and r."""
     ratio = (logp - old_logp).exp()
     return -torch.min(ratio * advantages, ratio.clamp(1 - args.epsilon, 1 + args.epsilon) * advantages), ratio
 
-
 def k3(ref_logp, logp):
     """The k3 estimate of KL(pi || ref) at a token drawn from pi."""
     return (ref_logp - logp).exp() - (ref_logp - logp) - 1
 
-
 def agrpo_losses(model, rollout, advantages, args, generator=None):
-    """AGRPO's loss on a micro-batch, as M losses, one per sampled step, each to be back-propagated at once
-    (memory stays flat in M). For each: rebuild s_t, recompute the log-probs of the tokens revealed at t,
-    PPO-clip them (plus beta times the k3 KL to the reference), weight by 1 / (L q(t)). Over the M losses a
-    completion's terms estimate its step average (1/L) sum_t; the sum is over the micro-batch's groups, each
-    the mean of its G completions. Yields (loss, (r, A, k3) per token)."""
+    """AGRPO's loss on a micro-batch as M losses, one per sampled step, each back-propagated at once (memory stays
+    flat in M): rebuild s_t, recompute the log-probs of the tokens revealed at t, PPO-clip them (plus beta times
+    the k3 KL to the reference), weight by 1 / (L q(t)). Over the M losses a completion's terms estimate its step
+    average (1/L) sum_t; the sum is over groups, each the mean of its G completions. Yields (loss, (r, A, k3))."""
     t, weight = sample_timesteps(rollout, trajectory_length(rollout, args), args, generator)
     for m in range(args.mc_samples):
         logp, pos = step_logprobs(model, rollout, t[:, m], args)
@@ -486,39 +438,35 @@ def agrpo_losses(model, rollout, advantages, args, generator=None):
             term = term + args.beta * kl * ratio  # times r: tokens drawn from pi_old, E_old[r grad k3] = grad KL
         yield (term * weight[:, m, None]).sum() / (args.mc_samples * args.group_size), (ratio, adv, kl)
 
-
 # diffu-GRPO (d1, Zhao et al. 2025), the baseline the paper argues against, as d1's code computes it.
 def mask_prompt(prompt_ids, args, generator):
     """diffu-GRPO's input noise: each prompt token (padding too) masked with probability p_mask_prompt."""
     noise = torch.rand(prompt_ids.shape, device=prompt_ids.device, generator=generator)
     return prompt_ids.masked_fill(noise < args.p_mask_prompt, args.mask_token_id)
 
-
 def mean_field_logprobs(model, masked_prompt, tokens, args):
-    """diffu-GRPO's estimate of log pi(x_i) at every completion position: one forward pass on the masked
-    prompt and an all-mask completion, log-softmax of the raw logits (temperature 1, no truncation, no
-    attention mask). Biased: it scores every token as if all were predicted at once from the prompt alone,
-    ignoring the order in which the sampler revealed them and the partly revealed states each was drawn in."""
+    """diffu-GRPO's estimate of log pi(x_i) at every completion position: one forward pass on the masked prompt
+    and an all-mask completion, log-softmax of the raw logits (temperature 1, no truncation, no attention mask).
+    Biased: it scores every token as if all were predicted at once from the prompt alone, ignoring the order in
+    which the sampler revealed them and the partly revealed states each was drawn in."""
     P, C = masked_prompt.shape[1], tokens.shape[1]
     ids = torch.cat([masked_prompt, torch.full_like(tokens, args.mask_token_id)], 1)
     z = logits_at(model, ids, None, torch.arange(P, P + C, device=ids.device).expand(len(ids), -1)).float()
     return z.gather(-1, tokens[..., None]).squeeze(-1) - z.logsumexp(-1)
 
-
 def token_shares(tokens, args):
-    """diffu-GRPO's token mean: the tokens up to and including a completion's first EOS count, each
-    1 / (the tokens its group of G counts); later tokens 0. `tokens` holds whole groups."""
+    """diffu-GRPO's token mean: the tokens up to and including a completion's first EOS count, each 1 / (the
+    tokens its group of G counts); later tokens 0. `tokens` holds whole groups."""
     eos = (tokens == args.eos_token_id).long()
     counted = (eos.cumsum(1) - eos == 0).float()
     per_group = counted.view(-1, args.group_size * tokens.shape[1]).sum(1)
     return counted / per_group.repeat_interleave(args.group_size)[:, None]
 
-
 def diffu_grpo_losses(model, rollout, advantages, masked_prompt, old_logp, share, args):
-    """diffu-GRPO's loss on a micro-batch (one loss, one backward pass): the PPO-clipped term on the
-    mean-field log-probs, r against the same estimate under the weights that generated the batch (old_logp;
-    None with one gradient step per batch: r = 1), plus beta k3 to the reference without the ratio factor,
-    as d1 adds it; summed over groups, each a mean over its counted tokens (share). Yields (loss, stats)."""
+    """diffu-GRPO's loss on a micro-batch (one loss, one backward pass): the PPO-clipped term on the mean-field
+    log-probs, r against the same estimate under the weights that generated the batch (old_logp; None with one
+    gradient step per batch: r = 1), plus beta k3 to the reference without the ratio factor, as d1 adds it; summed
+    over groups, each a mean over its counted tokens (share). Yields (loss, stats)."""
     logp = mean_field_logprobs(model, masked_prompt, rollout.tokens, args)
     adv = advantages[:, None].expand_as(logp)
     term, ratio = clipped_surrogate(logp, logp.detach() if old_logp is None else old_logp, adv, args)
@@ -535,19 +483,17 @@ def diffu_grpo_losses(model, rollout, advantages, masked_prompt, old_logp, share
 # ----------------------------------------------------------------------------------------------------------
 # 6. Training: the step and the loop, on one GPU or many (torchrun)
 def seed_of(args, purpose, *index):
-    """The seed of one random stream: its purpose ("rollout", "timesteps", "prompt mask", "dropout",
-    "evaluation") and its index (the training step, the global micro-batch, ...). Results do not depend on
-    the number of processes, and a resumed run needs no RNG state."""
+    """The seed of one random stream: its purpose ("rollout", "timesteps", "prompt mask", "dropout", "evaluation")
+    and its index (the training step, the global micro-batch, ...). Results do not depend on the number of
+    processes, and a resumed run needs no RNG state."""
     return random.Random(str((args.seed, purpose, *index))).getrandbits(63)
-
 
 def stream(args, purpose, *index):
     return torch.Generator(args.device).manual_seed(seed_of(args, purpose, *index))
 
-
 def rl_step(model, tokenizer, optimizer, schedule, prompts, args, step):
-    """One training step on this process's share of whole prompt groups: G completions per prompt, their
-    rewards and advantages, then num_iterations gradient steps of the chosen estimator. Returns the metrics."""
+    """One training step on this process's share of whole prompt groups: G completions per prompt, their rewards
+    and advantages, then num_iterations gradient steps of the chosen estimator. Returns the metrics."""
     rank, world_size = world()
     mine = prompts[rank * len(prompts) // world_size:(rank + 1) * len(prompts) // world_size]
     G, mb = args.group_size, args.micro_batch_size
@@ -559,16 +505,13 @@ def rl_step(model, tokenizer, optimizer, schedule, prompts, args, step):
     rollouts = [generate(model, *tokenize_prompts(tokenizer, examples[rows(j)], args), args,
                          stream(args, "rollout", step, first + j)) for j in range(n)]
     synchronize(args)
-    seconds = {"generate": time.perf_counter() - clock}
-
-    clock = time.perf_counter()
+    seconds, clock = {"generate": time.perf_counter() - clock}, time.perf_counter()
     tokens = torch.cat([r.tokens for r in rollouts])
     graded = grade(tokenizer, tokens, examples, args)
     rewards = torch.tensor([g["format"] + g["correct"] for g in graded])
     advantages = group_advantages(rewards, G, args.scale_rewards).to(args.device)
-    seconds["grade"] = time.perf_counter() - clock
+    seconds["grade"], clock = time.perf_counter() - clock, time.perf_counter()
 
-    clock = time.perf_counter()
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     masked = lambda j, i: mask_prompt(rollouts[j].prompt_ids, args, stream(args, "prompt mask", step, i, first + j))
@@ -580,11 +523,11 @@ def rl_step(model, tokenizer, optimizer, schedule, prompts, args, step):
     share = token_shares(tokens, args) if args.estimator == "diffu-grpo" else None
 
     def losses(j, iteration):  # the micro-batch's losses, one per backward pass
-        rollout, adv = rollouts[j], advantages[rows(j)]
         if args.estimator == "agrpo":
-            return agrpo_losses(model, rollout, adv, args, stream(args, "timesteps", step, iteration, first + j))
-        return diffu_grpo_losses(model, rollout, adv, masked(j, iteration), old.get((j, iteration)),
-                                 share[rows(j)], args)
+            return agrpo_losses(model, rollouts[j], advantages[rows(j)], args,
+                                stream(args, "timesteps", step, iteration, first + j))
+        return diffu_grpo_losses(model, rollouts[j], advantages[rows(j)], masked(j, iteration),
+                                 old.get((j, iteration)), share[rows(j)], args)
 
     stats, grad_norms = [], []
 
@@ -622,19 +565,16 @@ def rl_step(model, tokenizer, optimizer, schedule, prompts, args, step):
         schedule.step()  # once per iteration in both schedules: the released one's updates share one rate
     synchronize(args)
     seconds["train"] = time.perf_counter() - clock
-
     return step_metrics(rewards, graded, advantages, tokens, stats, grad_norms, schedule, seconds, args)
 
-
 def all_reduce_gradients(params):
-    """DDP by hand: each gradient becomes the sum of every process's (each loss was divided by the step's
-    prompts over all processes, so the sum is the step's mean gradient)."""
+    """DDP by hand: each gradient becomes the sum of every process's (each loss was divided by the step's prompts
+    over all processes, so the sum is the step's mean gradient)."""
     if world()[1] > 1:
         for p in params:
             if p.grad is None:
                 p.grad = torch.zeros_like(p)
             dist.all_reduce(p.grad)
-
 
 def train(model, tokenizer, train_examples, test_examples, args):
     """The loop: training steps, evaluations, metrics and checkpoints, from the start or from --resume."""
@@ -651,40 +591,33 @@ def train(model, tokenizer, train_examples, test_examples, args):
     step, prompts_seen, elapsed = 0, 0, 0.0
     if is_checkpoint(args.resume):
         step, prompts_seen, elapsed = resume_training(model, optimizer, schedule, total_steps, args)
-    done = saved = step
-    log_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if rank == 0:
-        forget_after(log_path, step)
+    log = metrics_log(args.output_dir, step)
     say(f"{args.estimator} on {args.task}: steps {step + 1}..{total_steps} of {args.prompts_per_step} prompts x "
         f"{args.group_size} completions on {world_size} process(es), {sum(p.numel() for p in trainable):,} "
         f"trainable parameters; run directory {args.output_dir}")
-    started = time.time() - elapsed
+    started, done, saved = time.time() - elapsed, step, step
+    save = lambda: save_checkpoint(model, optimizer, schedule, done, prompts_seen, time.time() - started,
+                                   total_steps, args)
     bar = tqdm(range(step + 1, total_steps + 1), desc=args.estimator, dynamic_ncols=True, disable=rank > 0)
     try:
         if args.eval_every and step == 0:  # the starting point of the curve
-            log_metrics(log_path, 0, evaluate_all(model, tokenizer, test_examples, args, 0))
+            log(0, evaluate(model, tokenizer, test_examples, args, 0))
         for step in bar:
             stop_if_asked(args)  # Ctrl-C: the loop stops between steps
             torch.manual_seed(seed_of(args, "dropout", step, rank))  # LoRA dropout
             batch = prompts_at(train_examples, args.seed, prompts_seen, args.prompts_per_step)
             metrics = rl_step(model, tokenizer, optimizer, schedule, batch, args, step)
             done, prompts_seen = step, prompts_seen + args.prompts_per_step
-            log_metrics(log_path, step, {**metrics, "prompts_seen": prompts_seen,
-                                         "elapsed_seconds": time.time() - started})
+            log(step, {**metrics, "prompts_seen": prompts_seen, "elapsed_seconds": time.time() - started})
             bar.set_postfix(reward=f"{metrics['reward']:.3f}", acc=f"{metrics['accuracy']:.2f}",
                             gen=f"{metrics['seconds_generate']:.1f}s", train=f"{metrics['seconds_train']:.1f}s")
             if args.eval_every and (step % args.eval_every == 0 or step == total_steps):
-                log_metrics(log_path, step, evaluate_all(model, tokenizer, test_examples, args, step))
+                log(step, evaluate(model, tokenizer, test_examples, args, step))
             if step == total_steps or (args.save_every and step % args.save_every == 0):
-                saved = save_checkpoint(model, optimizer, schedule, step, prompts_seen, time.time() - started,
-                                        total_steps, args)
+                saved = save()
     except Stop:
         bar.close()
-        if done > saved:
-            save_checkpoint(model, optimizer, schedule, done, prompts_seen, time.time() - started, total_steps, args)
-        say(f"stopped by {signal.Signals(STOP_SIGNALS[0]).name} after step {done} of {total_steps}"
-            f"{' (checkpoint saved)' if done > saved else ''}; resume with: {resume_command(args)}")
-        raise SystemExit(128 + STOP_SIGNALS[0])
+        stopped(done, total_steps, save if done > saved else None, args)
     bar.close()
     if rank == 0:
         plot_curves(args.output_dir)
@@ -694,81 +627,68 @@ def train(model, tokenizer, train_examples, test_examples, args):
 # ----------------------------------------------------------------------------------------------------------
 # 7. Evaluation (the authors': C=256, BL=32, T=128, low_confidence, greedy)
 @torch.no_grad()
-def evaluate(model, tokenizer, examples, args, T, path):
-    """Decode the test prompts with the evaluation settings in T denoising steps and grade them. Each process
-    takes every world_size-th example; rank 0 writes one JSON line per example in the test set's order, with
-    the reference and the answer the grader read, so that a score can be audited."""
+def evaluate(model, tokenizer, examples, args, step, name="eval"):
+    """Decode the test prompts with the evaluation settings at each T of --eval-sampling-steps and grade them. Each
+    process takes every world_size-th example; rank 0 writes <run>/<name>-step<step>-T<T>.jsonl, a line per example
+    in the test set's order with the reference and the answer the grader read, so that a score can be audited."""
     rank, world_size = world()
-    eval_args = dataclasses.replace(args, completion_length=args.eval_completion_length, sampling_steps=T,
-                                    block_length=args.eval_block_length, unmasking=args.eval_unmasking,
-                                    temperature=args.eval_temperature, top_p=args.eval_top_p, top_k=args.eval_top_k)
     model.eval()
-    mine, rows, seconds = examples[rank::world_size], [], 0.0
+    mine, metrics = examples[rank::world_size], {}
     # batches of prompts of similar length, so that few are padded (padding costs a mask: with_completion)
     prompts = tokenizer(prompt_texts(tokenizer, mine, args), add_special_tokens=False)["input_ids"]
     order = sorted(range(len(mine)), key=lambda j: len(prompts[j]))
-    for i in tqdm(range(0, len(mine), args.eval_batch_size), desc=f"eval T={T}", disable=rank > 0, leave=False):
-        index = order[i:i + args.eval_batch_size]
-        chunk, clock = [mine[j] for j in index], time.perf_counter()
-        rollout = generate(model, *tokenize_prompts(tokenizer, chunk, args), eval_args,
-                           stream(args, "evaluation", T, rank, i))
-        synchronize(args)
-        seconds += time.perf_counter() - clock
-        lengths = (rollout.tokens != args.eos_token_id).sum(1).tolist()
-        rows += [{"index": rank + world_size * j, "question": ex["question"], "reference": reward.reference(
-                  args.task, ex), "answer": g["answer"], "score": g["score"], "length": n, "completion": g["text"]}
-                 for j, ex, g, n in zip(index, chunk, grade(tokenizer, rollout.tokens, chunk, args), lengths)]
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, (rows, seconds))
-        rows, seconds = [r for part, _ in gathered for r in part], sum(s for _, s in gathered)
-    rows.sort(key=lambda row: row["index"])
-    if rank == 0:
-        write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
-    n = max(len(rows), 1)
-    return {f"eval_T{T}_accuracy": sum(r["score"] for r in rows) / n,
-            f"eval_T{T}_completion_length": sum(r["length"] for r in rows) / n,
-            f"eval_T{T}_seconds_per_completion": seconds / n}
-
-
-def evaluate_all(model, tokenizer, examples, args, step, name="eval"):
-    """Evaluate at every T of --eval-sampling-steps; print each result as it comes."""
-    metrics = {}
     for T in args.eval_steps:
+        eval_args = dataclasses.replace(args, completion_length=args.eval_completion_length, sampling_steps=T,
+                                        block_length=args.eval_block_length, unmasking=args.eval_unmasking,
+                                        temperature=args.eval_temperature, top_p=args.eval_top_p, top_k=args.eval_top_k)
+        rows, seconds = [], 0.0
+        for i in tqdm(range(0, len(mine), args.eval_batch_size), desc=f"eval T={T}", disable=rank > 0, leave=False):
+            index = order[i:i + args.eval_batch_size]
+            chunk, clock = [mine[j] for j in index], time.perf_counter()
+            rollout = generate(model, *tokenize_prompts(tokenizer, chunk, args), eval_args,
+                               stream(args, "evaluation", T, rank, i))
+            synchronize(args)
+            seconds += time.perf_counter() - clock
+            lengths = (rollout.tokens != args.eos_token_id).sum(1).tolist()
+            rows += [{"index": rank + world_size * j, "question": ex["question"], "reference": reward.reference(
+                      args.task, ex), "answer": g["answer"], "score": g["score"], "length": n, "completion": g["text"]}
+                     for j, ex, g, n in zip(index, chunk, grade(tokenizer, rollout.tokens, chunk, args), lengths)]
+        rows, seconds = gather_rows(rows, seconds)
         path = os.path.join(args.output_dir, f"{name}-step{step}-T{T}.jsonl")
-        metrics.update(evaluate(model, tokenizer, examples, args, T, path))
+        if rank == 0:
+            write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
+        n = max(len(rows), 1)
+        metrics.update({f"eval_T{T}_accuracy": sum(r["score"] for r in rows) / n,
+                        f"eval_T{T}_completion_length": sum(r["length"] for r in rows) / n,
+                        f"eval_T{T}_seconds_per_completion": seconds / n})
         say(f"step {step}: evaluation accuracy {metrics[f'eval_T{T}_accuracy']:.1%} at T={T} on {len(examples)} "
             f"problems ({path})")
     return metrics
 
 
 # ==========================================================================================================
-# Plumbing, not AGRPO: prompts and processes, the toy model, runs and checkpoints, signals, curves, the
-# command line.
+# Plumbing, not AGRPO: processes and prompts, the toy model, runs and checkpoints, signals, curves, the command
+# line.
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Prompts, processes and the hub: what the method calls, named for what it does
+# Processes, prompts, metrics and the hub: what the method calls, named for what it does
 def world():
     """(rank, number of processes); torchrun starts one process per GPU."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
 
 def synchronize(args):
     if args.device.startswith("cuda"):
         torch.cuda.synchronize()
 
-
 def prompt_texts(tokenizer, examples, args):
     return [tokenizer.apply_chat_template(reward.prompt_messages(args.task, ex), add_generation_prompt=True,
                                           tokenize=False) for ex in examples]
-
 
 def tokenize_prompts(tokenizer, examples, args):
     enc = tokenizer(prompt_texts(tokenizer, examples, args), padding=True, padding_side="left",
                     add_special_tokens=False, return_tensors="pt")
     return enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
-
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(n, seed, epoch):
@@ -776,28 +696,26 @@ def epoch_order(n, seed, epoch):
     random.Random(f"{seed}/{epoch}").shuffle(order)
     return order
 
-
 def prompts_at(examples, seed, position, count):
-    """Prompts number position .. position + count - 1 of an endless stream that visits the examples in a
-    fresh seeded order every epoch."""
+    """Prompts number position .. position + count - 1 of an endless stream that visits the examples in a fresh
+    seeded order every epoch."""
     return [examples[epoch_order(len(examples), seed, p // len(examples))[p % len(examples)]]
             for p in range(position, position + count)]
-
 
 def step_metrics(rewards, graded, advantages, tokens, stats, grad_norms, schedule, seconds, args):
     """A training step's metrics (README: "Metrics and curves"), over all processes."""
     spread = rewards.view(-1, args.group_size).std(1)
     mean = lambda key: sum(g[key] for g in graded) / len(graded)
     loss, clip_low, clip_high, kl, ratio_max_dev = torch.stack(stats).T
-    metrics = {"reward": rewards.mean(), "reward_format": mean("format"), "reward_correct": mean("correct"),
-               "accuracy": mean("score"), "reward_std": spread.mean(), "zero_spread_groups": (spread == 0).double()
-               .mean(), "advantage_abs": advantages.abs().mean(), "advantage_min": advantages.min(),
-               "advantage_max": advantages.max(), "completion_length": (tokens != args.eos_token_id).sum(1)
-               .double().mean(), "loss": loss.sum() * world()[1],  # x processes: the mean below is their sum
-               "clip_low": clip_low.mean(), "clip_high": clip_high.mean(), "kl": kl.mean(),
-               "grad_norm": torch.stack(grad_norms).mean(), "lr": schedule.get_last_lr()[0],
-               **{f"seconds_{k}": v for k, v in seconds.items()}}
-    metrics = over_ranks(metrics, args, "mean")
+    metrics = over_ranks({
+        "reward": rewards.mean(), "reward_format": mean("format"), "reward_correct": mean("correct"),
+        "accuracy": mean("score"), "reward_std": spread.mean(), "zero_spread_groups": (spread == 0).double().mean(),
+        "advantage_abs": advantages.abs().mean(), "advantage_min": advantages.min(), "advantage_max": advantages.max(),
+        "completion_length": (tokens != args.eos_token_id).sum(1).double().mean(),
+        "loss": loss.sum() * world()[1],  # x processes: the mean over processes is then their sum
+        "clip_low": clip_low.mean(), "clip_high": clip_high.mean(), "kl": kl.mean(),
+        "grad_norm": torch.stack(grad_norms).mean(), "lr": schedule.get_last_lr()[0],
+        **{f"seconds_{k}": v for k, v in seconds.items()}}, args, "mean")
     peaks = {"ratio_max_dev": ratio_max_dev.max()}
     if args.device.startswith("cuda"):
         peaks["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -805,7 +723,6 @@ def step_metrics(rewards, graded, advantages, tokens, stats, grad_norms, schedul
     completion_tokens = args.prompts_per_step * args.group_size * args.completion_length  # all processes'
     metrics["tokens_per_second"] = completion_tokens / sum(metrics[f"seconds_{k}"] for k in seconds)
     return metrics
-
 
 def over_ranks(metrics, args, how):
     """The metrics as plain floats, their mean or their max over processes."""
@@ -816,36 +733,51 @@ def over_ranks(metrics, args, how):
             values /= world()[1]
     return dict(zip(metrics, values.tolist()))
 
+def gather_rows(rows, seconds):
+    """Every process's evaluation rows, in the test set's order, and the seconds they took, summed."""
+    if world()[1] > 1:
+        gathered = [None] * world()[1]
+        dist.all_gather_object(gathered, (rows, seconds))
+        rows, seconds = [r for part, _ in gathered for r in part], sum(s for _, s in gathered)
+    return sorted(rows, key=lambda row: row["index"]), seconds
 
-def pretrained_class(name):
-    """AutoModel for LLaDA's remote code (its config maps AutoModel to the LM), AutoModelForMaskedLM for any
-    other masked LM, such as one --export wrote. Fails fast when the model is neither here nor reachable."""
-    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+def from_pretrained(args):
+    """A hub or local model and its tokenizer: AutoModel for LLaDA's remote code (its config maps AutoModel to the
+    LM), AutoModelForMaskedLM for any other masked LM, such as one --export wrote. One sentence (UsageError) when
+    it cannot be loaded, at once when it is neither on this machine nor reachable."""
+    from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM, AutoTokenizer
+    name = args.model
     require(not os.path.isdir(name) or os.path.isfile(os.path.join(name, "config.json")),
             f"--model {name}: the directory holds no config.json; give a model directory or a hub id")
     try:
-        config = AutoConfig.from_pretrained(name, trust_remote_code=True, local_files_only=True)
-    except OSError:  # not on this machine: ask the hub once, before transformers retries it for a minute
-        import huggingface_hub
         try:
-            huggingface_hub.model_info(name, timeout=10)
-        except Exception as e:
-            require(getattr(e, "response", None) is not None,  # no answer at all
-                    f"--model {name} is not on this machine and the Hugging Face Hub cannot be reached "
-                    f"({type(e).__name__}); check the network, or use --model toy for an offline run")
-        config = AutoConfig.from_pretrained(name, trust_remote_code=True)
-    return AutoModel if "AutoModel" in (getattr(config, "auto_map", None) or {}) else AutoModelForMaskedLM
+            config = AutoConfig.from_pretrained(name, trust_remote_code=True, local_files_only=True)
+        except OSError:  # not on this machine: ask the hub once, before transformers retries it for a minute
+            import huggingface_hub
+            try:
+                huggingface_hub.model_info(name, timeout=10)
+            except Exception as e:
+                require(getattr(e, "response", None) is not None,  # no answer at all
+                        f"--model {name} is not on this machine and the Hugging Face Hub cannot be reached "
+                        f"({type(e).__name__}); check the network, or use --model toy for an offline run")
+            config = AutoConfig.from_pretrained(name, trust_remote_code=True)
+        model_class = AutoModel if "AutoModel" in (getattr(config, "auto_map", None) or {}) else AutoModelForMaskedLM
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=True, padding_side="left")
+        return model_class.from_pretrained(name, trust_remote_code=True, dtype=getattr(torch, args.dtype)), tokenizer
+    except (OSError, ImportError, ValueError) as e:
+        raise UsageError(f"could not load --model {name} ({str(e).strip().splitlines()[0][:200]}); check the "
+                         "name, the network or HF_HOME, or use --model toy for an offline run") from None
+
 
 # ----------------------------------------------------------------------------------------------------------
 # The toy model and its supervised warm-up (--model toy): a CPU demo, not part of the method
 def toy_model_and_tokenizer(seed: int):
-    """A tiny random bidirectional masked LM (BERT-shaped) and a character tokenizer, built offline. Numbers of
-    up to three digits and the answer tags are whole tokens, so the toy can copy them; decoding gives back the
-    same text. Toy prompts are the bare question: the chat template drops the system message, whose worked
-    examples a model this small cannot use (the real path sends it)."""
+    """A tiny random bidirectional masked LM (BERT-shaped) and a character tokenizer, built offline. Numbers of up
+    to three digits and the answer tags are whole tokens, so the toy can copy them; decoding gives back the same
+    text. Toy prompts are the bare question: the chat template drops the system message, whose worked examples a
+    model this small cannot use (the real path sends it)."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import BertConfig, BertForMaskedLM, PreTrainedTokenizerFast
-
     specials = ["<pad>", "<eos>", "<mask>", "<unk>", "<|system|>", "<|user|>", "<|assistant|>"]
     chars, tags = [chr(c) for c in range(32, 127)] + ["\n"], ["<answer>", "</answer>"]
     numbers = [f"{i:0{n}d}" for n in (2, 3) for i in range(10 ** n)]
@@ -868,20 +800,12 @@ def toy_model_and_tokenizer(seed: int):
                         eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa")
     return BertForMaskedLM(config), tokenizer
 
-
-def toy_answer(task, example):
-    """A solved completion, in the format reward.py grades in full."""
-    if task == "countdown":
-        return f"<answer>{reward.solve_countdown(example['nums'], example['target'])} = {example['target']}</answer>"
-    return f"<answer>{example['answer']}</answer>"
-
-
 def warm_up_toy(model, tokenizer, args, batch=32, lr=2e-3):
     """A short supervised start, so that the random toy model earns some reward and the policy gradient has
-    something to work on. It is LLaDA's own pre-training objective, masked diffusion, on solved synthetic
-    problems: each answer, padded with EOS to C, gets a fraction t of its tokens masked (t stratified over the
-    batch), and the model predicts them, the loss weighted by 1/t. AdamW, linear decay. The weights are cached
-    on disk, keyed by everything that determines them (settings, code, torch), and written atomically."""
+    something to work on. It is LLaDA's own pre-training objective, masked diffusion, on solved synthetic problems:
+    each solved answer, padded with EOS to C, gets a fraction t of its tokens masked (t stratified over the batch),
+    and the model predicts them, the loss weighted by 1/t. AdamW, linear decay. The weights are cached on disk,
+    keyed by everything that determines them (settings, code, torch), and written atomically."""
     C, steps = args.completion_length, args.toy_warmup_steps
     code = b"".join(open(f, "rb").read() for f in (__file__, reward.__file__))
     key = repr((args.task, args.seed, steps, C, args.mask_token_id, args.eos_token_id, batch, lr, torch.__version__,
@@ -890,11 +814,12 @@ def warm_up_toy(model, tokenizer, args, batch=32, lr=2e-3):
     path = os.path.join(os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "agrpo",
                         f"toy-{args.task}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.pt")
     if os.path.exists(path):
-        model.load_state_dict(torch.load(path, weights_only=True))
-        return
-    n = min(steps * batch, reward.SYNTHETIC_TRAIN_SIZE)
-    examples = reward.load_examples(args.task, "train", "synthetic", n=n, seed=args.seed)
-    answers = tokenizer([toy_answer(args.task, ex) for ex in examples], add_special_tokens=False)["input_ids"]
+        return model.load_state_dict(torch.load(path, weights_only=True))
+    examples = reward.load_examples(args.task, "train", "synthetic", n=min(steps * batch, reward.SYNTHETIC_TRAIN_SIZE),
+                                    seed=args.seed)
+    solved = [reward.solve_countdown(ex["nums"], ex["target"]) + f" = {ex['target']}" if args.task == "countdown"
+              else ex["answer"] for ex in examples]  # in the format reward.py grades in full
+    answers = tokenizer([f"<answer>{s}</answer>" for s in solved], add_special_tokens=False)["input_ids"]
     answers = torch.tensor([(ids + [args.eos_token_id] * C)[:C] for ids in answers])
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
@@ -926,64 +851,58 @@ def warm_up_toy(model, tokenizer, args, batch=32, lr=2e-3):
 # Runs and checkpoints: a directory a run, atomic saves, exact resume, merged export, the metrics log
 STRUCTURE = ("model", "task", "dtype", "lora_rank", "lora_alpha", "lora_targets")  # fixed for a run's life
 ACTIONS = ("resume", "export", "eval_only")  # what one command does: never taken from a saved run
-
+RUN_LOCKS = []  # the lock of the run this command writes, held until main() ends
 
 def say(message):
     """Print on the first process only (also before torch.distributed starts)."""
     if os.environ.get("RANK", "0") == "0":
         tqdm.write(message)
 
-
 def write_atomically(path, text):
     with open(f"{path}.tmp", "w") as f:
         f.write(text)
     os.replace(f"{path}.tmp", path)
 
+def read_json(path):
+    """The JSON object in a file, or None if it cannot be read."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
 
 def checkpoints(run):
     """The run's checkpoint directories, oldest first."""
     names = [d for d in os.listdir(run) if re.fullmatch(r"checkpoint-\d+", d)] if os.path.isdir(run) else []
     return [os.path.join(run, d) for d in sorted(names, key=lambda d: int(d.split("-")[1]))]
 
-
 def is_checkpoint(path):
     return bool(path) and os.path.isfile(os.path.join(path, "state.pt"))
 
-
 def is_run(path):
     return os.path.isfile(os.path.join(path, "config.json")) or bool(checkpoints(path))
-
 
 def readable(checkpoint):
     """Whether a checkpoint's files load: state.pt opened lazily (cheap), its fields there; args.json parsed."""
     try:
         state = torch.load(os.path.join(checkpoint, "state.pt"), map_location="cpu", weights_only=True, mmap=True)
-        with open(os.path.join(checkpoint, "args.json")) as f:
-            json.load(f)
-        return {"model", "optimizer", "schedule", "step", "prompts_seen"} <= set(state)
     except Exception:
         return False
-
-
-def run_setting(run, name):
-    try:
-        with open(os.path.join(run, "config.json")) as f:
-            return json.load(f).get(name)
-    except (OSError, ValueError):
-        return None
-
+    return {"model", "optimizer", "schedule", "step", "prompts_seen"} <= set(state) and \
+        read_json(os.path.join(checkpoint, "args.json")) is not None
 
 def find_resume(resume, output_dir, task=None):
-    """(run directory, checkpoint to continue from, or None to restart a run that has none) for --resume
-    latest (the run under runs/ written to last, of `task` if given, or --output-dir) | RUN | CHECKPOINT.
-    Unreadable newest checkpoints are passed over, each with one printed line."""
+    """(run directory, checkpoint to continue from, or None to restart a run that has none) for --resume latest
+    (the run under runs/ written to last, of `task` if given, that no other process is writing; or --output-dir)
+    | RUN | CHECKPOINT. Unreadable newest checkpoints are passed over, each with one printed line."""
     if is_checkpoint(resume):
         require(readable(resume), f"checkpoint {resume} cannot be read (damaged or cut short); resume from an "
                 "earlier checkpoint of its run, or from the run directory (its newest readable checkpoint)")
         return os.path.dirname(os.path.normpath(resume)), resume
     if resume == "latest" and not output_dir:
         runs = [os.path.join("runs", d) for d in os.listdir("runs")] if os.path.isdir("runs") else []
-        runs = [r for r in runs if is_run(r) and task in (None, run_setting(r, "task"))]
+        runs = [r for r in runs if is_run(r) and task in (None, (read_json(os.path.join(r, "config.json")) or {})
+                                                          .get("task"))]
         busy = [r for r in runs if being_written(r)]
         for r in busy:
             say(f"resume: passing over {r}, which another process is writing")
@@ -1002,14 +921,14 @@ def find_resume(resume, output_dir, task=None):
         say(f"resume: {bad} cannot be read (damaged or cut short); going on from {good[-1]}")
     return run, (good or [None])[-1]
 
-
-def lock_run(run):
-    """Lock run/.lock for this process, or None if a live process holds it (it is writing the run). The
-    operating system drops a lock when its process ends, however it ends: a crashed run is never locked."""
+def lock(run, exclusive=True):
+    """run/.lock, locked by this process (exclusive: to write the run), or None while a live process holds it
+    exclusively. The operating system drops a lock when its process ends, however it ends: a crashed run is never
+    locked. A shared lock only looks: the file is opened read-only, so none is made where there is none."""
     import fcntl
-    f = open(os.path.join(run, ".lock"), "a")
+    f = open(os.path.join(run, ".lock"), "a" if exclusive else "r")
     try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(f, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         f.close()
         return None
@@ -1017,38 +936,28 @@ def lock_run(run):
         pass
     return f
 
-
 def being_written(run):
-    """Whether a live process holds run/.lock, looked at read-only (no lock file is made where none is)."""
-    import fcntl
+    """Whether a live process holds run/.lock; a run without one (from before locks), or whose lock file cannot
+    be opened, is not in progress."""
     try:
-        with open(os.path.join(run, ".lock")) as f:
-            fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)  # refused while lock_run's exclusive lock is held
-    except BlockingIOError:
-        return True
-    except OSError:  # no lock file (a run from before locks), or none can be opened or taken: not in progress
-        pass
-    return False
-
-
-RUN_LOCKS = []  # the lock of the run this command writes, held until main() ends
-
+        f = lock(run, exclusive=False)
+    except OSError:
+        return False
+    if f:
+        f.close()
+    return f is None
 
 def new_run_dir(task):
     """A fresh runs/<task>-<date>-<time>[-N]; mkdir is atomic, so two runs started in one second get two."""
     base = os.path.join("runs", f"{task}-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs("runs", exist_ok=True)
-    for n in itertools.count(1):
-        path = base if n == 1 else f"{base}-{n}"
-        try:
+    for path in [base] + [f"{base}-{n}" for n in range(2, 10000)]:
+        with contextlib.suppress(FileExistsError):
             os.mkdir(path)
             return path
-        except FileExistsError:
-            continue
-
 
 def open_run(args):
-    """Claim this command's run directory and write the resolved settings there (config.json): a new run
+    """Claim this command's run directory, locked, and write the resolved settings there (config.json): a new run
     takes a fresh directory, or an --output-dir that holds no run; a resumed run keeps its own."""
     if not args.resume:
         args.output_dir = args.output_dir or new_run_dir(args.task)
@@ -1056,40 +965,36 @@ def open_run(args):
         require(not is_run(args.output_dir) and not os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")),
                 f"{args.output_dir} already holds a run: continue it with --resume {args.output_dir}, or choose "
                 "another --output-dir")
-    lock = lock_run(args.output_dir)
-    require(lock, f"{args.output_dir} was taken by another run started at the same moment; start again")
-    RUN_LOCKS.append(lock)
+    RUN_LOCKS.append(lock(args.output_dir))
+    require(RUN_LOCKS[-1], f"{args.output_dir} was taken by another run started at the same moment; start again")
     write_atomically(os.path.join(args.output_dir, "config.json"), json.dumps(dataclasses.asdict(args), indent=1))
     return args.output_dir
 
-
 def save_checkpoint(model, optimizer, schedule, step, prompts_seen, elapsed, total_steps, args):
-    """output_dir/checkpoint-<step> (first process only): trainable weights (the adapters under LoRA),
-    optimizer, schedule, step, data position, run time and the resolved settings. Written into a temporary
-    directory, then renamed, so a crash or a full disk mid-write never leaves a checkpoint that loads wrong.
-    The newest keep_checkpoints are kept. Returns the step."""
-    if world()[0] > 0:
-        return step
-    tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
-    try:
-        os.makedirs(tmp, exist_ok=True)
-        torch.save({"model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
-                    "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
-                    "prompts_seen": prompts_seen, "elapsed": elapsed, "total_steps": total_steps},
-                   os.path.join(tmp, "state.pt"))
-        with open(os.path.join(tmp, "args.json"), "w") as f:
-            json.dump(dataclasses.asdict(args), f, indent=1)
-        os.replace(tmp, os.path.join(args.output_dir, f"checkpoint-{step}"))
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    for old in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
-        shutil.rmtree(old)
+    """<run>/checkpoint-<step> (first process only): trainable weights (the adapters under LoRA), optimizer,
+    schedule, step, data position, run time and the resolved settings, written into a temporary directory and
+    renamed, so that a crash or a full disk mid-write never leaves a checkpoint that loads wrong. The newest
+    keep_checkpoints are kept. Returns the step."""
+    if world()[0] == 0:
+        tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
+        try:
+            os.makedirs(tmp, exist_ok=True)
+            torch.save({"model": {n: p.detach() for n, p in model.named_parameters() if p.requires_grad},
+                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(), "step": step,
+                        "prompts_seen": prompts_seen, "elapsed": elapsed, "total_steps": total_steps},
+                       os.path.join(tmp, "state.pt"))
+            with open(os.path.join(tmp, "args.json"), "w") as f:
+                json.dump(dataclasses.asdict(args), f, indent=1)
+            os.replace(tmp, os.path.join(args.output_dir, f"checkpoint-{step}"))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        for old in checkpoints(args.output_dir)[:-args.keep_checkpoints]:
+            shutil.rmtree(old)
     return step
 
-
 def load_checkpoint(path, model, args, optimizer=None, schedule=None):
-    """Restore a checkpoint's weights (and the optimizer and schedule, if given); returns its state's step,
-    prompts seen, seconds run and the training length it was saved with."""
+    """Restore a checkpoint's weights (and the optimizer and schedule, if given); returns its step, prompts seen,
+    seconds run and the training length it was saved with."""
     try:
         state = torch.load(os.path.join(path, "state.pt"), map_location=args.device, weights_only=True)
         weights, step, prompts_seen = state["model"], state["step"], state["prompts_seen"]
@@ -1103,7 +1008,6 @@ def load_checkpoint(path, model, args, optimizer=None, schedule=None):
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
     return step, prompts_seen, state.get("elapsed", 0.0), state.get("total_steps")
-
 
 def resume_training(model, optimizer, schedule, total_steps, args):
     """Restore args.resume to train on. Newer checkpoints of the run may only be unreadable ones: they are set
@@ -1124,10 +1028,9 @@ def resume_training(model, optimizer, schedule, total_steps, args):
             f"trains at learning rate {optimizer.param_groups[0]['lr']:.3g}")
     return step, prompts_seen, elapsed
 
-
 def export(model, tokenizer, path, source):
-    """Fold the adapters into the weights and write a transformers model that from_pretrained loads back
-    (into a temporary directory, then renamed)."""
+    """Fold the adapters into the weights and write a transformers model that from_pretrained loads back (into a
+    temporary directory, then renamed)."""
     tmp = path.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     merge_lora(model).save_pretrained(tmp)
@@ -1135,41 +1038,34 @@ def export(model, tokenizer, path, source):
     os.replace(tmp, path)
     say(f"exported {source}, adapters merged, to {path}")
 
+def metrics_log(run, step):
+    """Cut run/metrics.jsonl back to the steps up to `step`, the checkpoint resumed (none when a run restarts), and
+    return the function that appends a line of metrics to it (on the first process)."""
+    path = os.path.join(run, "metrics.jsonl")
+    if world()[0] == 0 and os.path.exists(path):
+        write_atomically(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path) if 0 < step and r["step"] <= step))
 
-def log_metrics(log_path, step, metrics):
-    if world()[0] == 0:
-        with open(log_path, "a") as log:
-            log.write(json.dumps({"step": step, **metrics}) + "\n")
+    def log(step, metrics):
+        if world()[0] == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps({"step": step, **metrics}) + "\n")
+    return log
 
-
-def read_metrics(log_path):
-    """The metric lines of a run; a line that is not JSON (a last line cut short by a crash, or a line
-    damaged by hand) is skipped, with one printed line naming it."""
+def read_metrics(path):
+    """The metric lines of a run; a line that is not JSON (damaged by hand) is skipped with one printed line naming
+    it, a last line without its newline (cut short by a crash) quietly."""
     rows = []
-    if os.path.exists(log_path):
-        with open(log_path) as f:
-            for number, line in enumerate(f, 1):
-                try:
-                    row = json.loads(line)
-                except ValueError:
-                    row = None
-                if isinstance(row, dict) and "step" in row and line.endswith("\n"):
-                    rows.append(row)
-                elif line.endswith("\n"):  # (a last line without its newline was cut short: skipped quietly)
-                    say(f"{log_path}, line {number}: not a metrics line; skipped")
+    with open(path) if os.path.exists(path) else contextlib.nullcontext([]) as f:
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if isinstance(row, dict) and "step" in row and line.endswith("\n"):
+                rows.append(row)
+            elif line.endswith("\n"):
+                say(f"{path}, line {number}: not a metrics line; skipped")
     return rows
-
-
-def forget_after(log_path, step):
-    """Keep the metric lines of steps up to `step`, the checkpoint resumed (none when a run restarts)."""
-    if os.path.exists(log_path):
-        rows = [row for row in read_metrics(log_path) if 0 < step and row["step"] <= step]
-        write_atomically(log_path, "".join(json.dumps(row) + "\n" for row in rows))
-
-
-def resume_command(args):
-    launcher = f"torchrun --nproc_per_node {world()[1]} agrpo.py" if world()[1] > 1 else "python agrpo.py"
-    return f"{launcher} --resume {args.output_dir}"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -1177,9 +1073,7 @@ def resume_command(args):
 class Stop(Exception):
     """A signal came (stop_on_signals): raised between training steps."""
 
-
 STOP_SIGNALS = []
-
 
 def stop_if_asked(args):
     """Raise Stop if a signal came to this process or, under DDP, to any."""
@@ -1191,11 +1085,10 @@ def stop_if_asked(args):
     if stop:
         raise Stop
 
-
 @contextlib.contextmanager
 def stop_on_signals():
-    """Ctrl-C (SIGINT) or SIGTERM: stop after the step in progress, save it, print how to resume. A second
-    signal stops at once (the checkpoints written are intact: they are written atomically)."""
+    """Ctrl-C (SIGINT) or SIGTERM: stop after the step in progress, save it, print how to resume. A second signal
+    stops at once (the checkpoints written are intact: they are written atomically)."""
     def ask(signum, frame):
         if STOP_SIGNALS:
             signal.signal(signum, signal.SIG_DFL)
@@ -1211,12 +1104,21 @@ def stop_on_signals():
         for s, handler in previous.items():
             signal.signal(s, handler)
 
+def stopped(done, total_steps, save, args):
+    """After Stop: save the last step (`save`, None if it is saved), say how to resume, exit 128 + the signal."""
+    if save:
+        save()
+    launcher = f"torchrun --nproc_per_node {world()[1]} agrpo.py" if world()[1] > 1 else "python agrpo.py"
+    say(f"stopped by {signal.Signals(STOP_SIGNALS[0]).name} after step {done} of {total_steps}"
+        f"{' (checkpoint saved)' if save else ''}; resume with: {launcher} --resume {args.output_dir}")
+    raise SystemExit(128 + STOP_SIGNALS[0])
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Curves and the summary
 def plot_curves(run):
-    """run/curves.svg: reward, accuracy, evaluation accuracy and completion length against the step, a picture
-    any browser opens (nothing to install)."""
+    """run/curves.svg: reward, accuracy, evaluation accuracy and completion length against the step, a picture any
+    browser opens (nothing to install)."""
     rows = read_metrics(os.path.join(run, "metrics.jsonl"))
     evals = sorted({k for r in rows for k in r if k.startswith("eval_T") and k.endswith("_accuracy")})
     panels = [("reward", ["reward"]), ("training accuracy", ["accuracy"]), ("evaluation accuracy", evals),
@@ -1244,7 +1146,6 @@ def plot_curves(run):
                 svg.append(f'<text x="{x0 + 6}" y="{y0 + 14 + 13 * i}" fill="{color}">{key}</text>')
     write_atomically(os.path.join(run, "curves.svg"), "\n".join(svg + ["</svg>\n"]))
 
-
 def summary(run, seconds):
     """A paragraph on the run: its length, reward and accuracy at the start and the end, where the files are."""
     rows = read_metrics(os.path.join(run, "metrics.jsonl"))
@@ -1268,29 +1169,12 @@ def summary(run, seconds):
 class UsageError(Exception):
     """A setting, file or environment that cannot work: main() prints its one sentence, without a traceback."""
 
-
 def require(ok, message):
     if not ok:
         raise UsageError(message)
 
-
-def check_geometry(C, BL, T, flags=("--completion-length", "--block-length", "--sampling-steps")):
-    """C/BL blocks, each revealed in T/(C/BL) steps of k = C/T tokens; the error lists the values that fit."""
-    if min(C, BL, T) > 0 and C % BL == 0 and T % (C // BL) == 0 and BL % (T // (C // BL)) == 0:
-        return
-    if min(C, BL) <= 0 or C % BL:
-        fits = [str(b) for b in range(1, C + 1) if C % b == 0]
-        raise UsageError(f"{flags[1]} {BL} does not fit {flags[0]} {C}: the blocks must tile the completion "
-                         f"(BL dividing C: {', '.join(fits)})")
-    fits = [str(C // BL * d) for d in range(1, BL + 1) if BL % d == 0]
-    raise UsageError(f"{flags[2]} {T} does not fit {flags[0]} {C} and {flags[1]} {BL}: each of the C/BL = "
-                     f"{C // BL} blocks needs a whole number of steps revealing a whole number of its tokens "
-                     f"(T: {', '.join(fits)})")
-
-
 def flag(name):
     return "--" + name.replace("_", "-")
-
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):  # one sentence through main, naming the nearest flag to a misspelt one
@@ -1298,10 +1182,8 @@ class Parser(argparse.ArgumentParser):
         near = difflib.get_close_matches(typo[1], self._option_string_actions, n=1) if typo else []
         raise UsageError(message + (f" (did you mean {near[0]}?)" if near else "") + "; see --help")
 
-
 def build_parser():
-    """One flag per field of Args, grouped as Args is. Every default is SUPPRESS, so that parsing returns only
-    what was typed."""
+    """One flag per field of Args, grouped as Args is. Every default is SUPPRESS: parsing returns what was typed."""
     parser = Parser(prog="agrpo.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
                     usage="python agrpo.py [config.yaml] [--flag value ...]   (torchrun ... agrpo.py for DDP)",
                     formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -1316,8 +1198,7 @@ def build_parser():
     group = parser
     for f in dataclasses.fields(Args):
         group = parser.add_argument_group(f.metadata["group"]) if f.metadata["group"] else group
-        shown = ([] if f.default is None else [f"default: {f.default}"]) + ([f"toy: {TOY[f.name]}"] if f.name in TOY
-                                                                              else [])
+        shown = [f"default: {f.default}"] * (f.default is not None) + ([f"toy: {TOY[f.name]}"] if f.name in TOY else [])
         options = dict(help=(f.metadata["help"] + (f" ({'; '.join(shown)})" if shown else "")).replace("%", "%%"))
         if f.type is bool:
             options["action"] = argparse.BooleanOptionalAction
@@ -1329,16 +1210,15 @@ def build_parser():
         group.add_argument(flag(f.name), **options)
     return parser
 
-
 def read_config(parser, path, typed_before):
     """The settings of a JSON or YAML file, keys named as the flags (with - or _), checked as typed flags are.
     `typed_before`: the word typed before the file's name (a boolean flag given a value lands here)."""
     import yaml
     if not os.path.isfile(path):
-        boolean = parser._option_string_actions.get(typed_before)
-        hint = f"; {typed_before} takes no value: write {typed_before} or --no-{typed_before[2:]}" if isinstance(
-            boolean, argparse.BooleanOptionalAction) else ""
-        raise UsageError(f"{path}: {'a directory, not a' if os.path.isdir(path) else 'no such'} config file{hint}")
+        boolean = isinstance(parser._option_string_actions.get(typed_before), argparse.BooleanOptionalAction)
+        raise UsageError(f"{path}: {'a directory, not a' if os.path.isdir(path) else 'no such'} config file"
+                         + (f"; {typed_before} takes no value: write {typed_before} or --no-{typed_before[2:]}"
+                            if boolean else ""))
     kind = "JSON" if path.endswith(".json") else "YAML"
     try:
         with open(path) as f:
@@ -1346,9 +1226,8 @@ def read_config(parser, path, typed_before):
     except (ValueError, yaml.YAMLError) as e:
         mark = getattr(e, "problem_mark", None)
         line = getattr(e, "lineno", None) or (mark.line + 1 if mark else "?")
-        problem = getattr(e, "msg", None) or getattr(e, "problem", e)
-        raise UsageError(f"{path} is not valid {kind} (line {line}: {problem}); fix it, or type the settings as "
-                         "flags") from None
+        raise UsageError(f"{path} is not valid {kind} (line {line}: {getattr(e, 'msg', None) or getattr(e, 'problem', e)}"
+                         "); fix it, or type the settings as flags") from None
     require(isinstance(settings, dict), f"{path} should hold a mapping of settings, like learning_rate: 1.0e-5")
     fields = {f.name: f for f in dataclasses.fields(Args)}
     flags, nulls = [], {}
@@ -1371,10 +1250,9 @@ def read_config(parser, path, typed_before):
     except UsageError as e:
         raise UsageError(f"{path}: {e}") from None
 
-
 def parse_args(argv=None):
-    """The settings, each layer over the ones before: Args' defaults, the --model toy preset, a resumed run's
-    saved settings, a config file, the flags typed (parsing returns only what was typed). Validated."""
+    """The settings, each layer over the ones before: Args' defaults, the --model toy preset, a resumed run's saved
+    settings, a config file, the flags typed (parsing returns only what was typed). Validated."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     chosen = vars(parser.parse_args(argv))
@@ -1397,16 +1275,11 @@ def parse_args(argv=None):
     validate(args)
     return args
 
-
 def saved_settings(path, typed):
-    """The settings a run was saved with (a checkpoint's args.json, or the run's config.json), but this
-    command's actions. Prints what a typed flag changes; refuses a change of the model's structure."""
-    try:
-        with open(os.path.join(path, "args.json" if is_checkpoint(path) else "config.json")) as f:
-            saved = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UsageError(f"the settings of {path} cannot be read ({type(e).__name__}); resume from another "
-                         "checkpoint") from None
+    """The settings a run was saved with (a checkpoint's args.json, or the run's config.json), but this command's
+    actions. Prints what a typed flag changes; refuses a change of the model's structure."""
+    saved = read_json(os.path.join(path, "args.json" if is_checkpoint(path) else "config.json"))
+    require(isinstance(saved, dict), f"the settings of {path} cannot be read; resume from another checkpoint")
     saved = {k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(Args)} - set(ACTIONS)}
     for name in sorted(set(typed) & set(saved) - {"output_dir"}):
         if typed[name] != saved[name]:
@@ -1415,6 +1288,15 @@ def saved_settings(path, typed):
             say(f"resume: {flag(name)} {saved[name]} -> {typed[name]}")
     return saved
 
+def check_geometry(C, BL, T, flags=("--completion-length", "--block-length", "--sampling-steps")):
+    """C/BL blocks, each revealed in T/(C/BL) steps of k = C/T tokens; the error lists the values that fit."""
+    if min(C, BL) <= 0 or C % BL:
+        raise UsageError(f"{flags[1]} {BL} does not fit {flags[0]} {C}: the blocks must tile the completion (BL "
+                         f"dividing C: {', '.join(str(b) for b in range(1, C + 1) if C % b == 0)})")
+    if T <= 0 or T % (C // BL) or BL % (T // (C // BL)):
+        raise UsageError(f"{flags[2]} {T} does not fit {flags[0]} {C} and {flags[1]} {BL}: each of the C/BL = "
+                         f"{C // BL} blocks needs a whole number of steps revealing a whole number of its tokens "
+                         f"(T: {', '.join(str(C // BL * d) for d in range(1, BL + 1) if BL % d == 0)})")
 
 def validate(args):
     """Check every setting before anything runs; the first that cannot work raises UsageError naming the fix."""
@@ -1456,7 +1338,6 @@ def validate(args):
     require(args.export is None or not os.path.isdir(args.export) or not os.listdir(args.export),
             f"--export {args.export} is not empty; give a new directory (nothing is overwritten)")
 
-
 def check_batch(args, world_size):
     """Whole prompt groups on every process, and micro-batches that split each process's completions."""
     require(args.prompts_per_step % world_size == 0 and args.prompts_per_step // world_size * args.group_size %
@@ -1464,7 +1345,6 @@ def check_batch(args, world_size):
             f"{world_size} and --micro-batch-size dividing each process's prompts x --group-size; e.g. "
             f"--prompts-per-step {math.ceil(args.prompts_per_step / world_size) * world_size} --micro-batch-size "
             f"{args.group_size}")
-
 
 def setup(args):
     """Everything that can fail for reasons outside the code, each failure one clear sentence (UsageError)."""
@@ -1496,19 +1376,9 @@ def setup(args):
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, train_examples, test_examples
 
-
-def from_rank0(value):
-    """The first process's value, on every process."""
-    if world()[1] > 1:
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        value = box[0]
-    return value
-
-
 def main(argv=None):
-    """Train (or evaluate, or export) as the flags say. A usage error ends with one sentence, not a traceback
-    (any other exception keeps its traceback); in training, Ctrl-C and SIGTERM save and print how to resume."""
+    """Train (or evaluate, or export) as the flags say. A usage error ends with one sentence, not a traceback (any
+    other exception keeps its traceback); in training, Ctrl-C and SIGTERM save and print how to resume."""
     try:
         args = parse_args(argv)
         model, tokenizer, train_examples, test_examples = setup(args)
@@ -1519,10 +1389,12 @@ def main(argv=None):
             source = f"{args.resume} (step {step})" if is_checkpoint(args.resume) else args.model
             return export(model, tokenizer, args.export, source) if world()[0] == 0 else None
         if not (args.eval_only and args.resume):  # evaluating a run only adds files to it
-            args.output_dir = from_rank0(open_run(args) if world()[0] == 0 else None)
+            run = [open_run(args) if world()[0] == 0 else None]
+            if world()[1] > 1:  # every process writes into the first one's run directory
+                dist.broadcast_object_list(run, src=0)
+            args.output_dir = run[0]
         if args.eval_only:  # (each evaluation file is written whole, at its end)
-            return evaluate_all(model, tokenizer, test_examples, args, step,
-                                name=f"eval-only-{time.strftime('%Y%m%d-%H%M%S')}")
+            return evaluate(model, tokenizer, test_examples, args, step, f"eval-only-{time.strftime('%Y%m%d-%H%M%S')}")
         with stop_on_signals():
             train(model, tokenizer, train_examples, test_examples, args)
     except UsageError as e:
@@ -1536,8 +1408,8 @@ def main(argv=None):
         print("agrpo: stopped by SIGINT", file=sys.stderr)
         raise SystemExit(128 + signal.SIGINT) from None
     finally:
-        for lock in RUN_LOCKS:
-            lock.close()
+        for f in RUN_LOCKS:
+            f.close()
         RUN_LOCKS.clear()
         if dist.is_initialized():
             dist.barrier()  # let rank 0 finish writing before any process leaves

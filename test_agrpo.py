@@ -769,14 +769,15 @@ def test_evaluation_batches_prompts_of_similar_length(toy, tmp_path):
     questions = ["Target: 1", "Target: 1 and a much longer question", "Target: 2",
                  "Target: 2 and a much longer question"]
     examples = [{"question": q, "nums": [1, 2, 3], "target": 6} for q in questions]
-    args = toy_run_args(tokenizer, eval_batch_size=2, eval_completion_length=8, eval_block_length=8)
+    args = toy_run_args(tokenizer, eval_batch_size=2, eval_completion_length=8, eval_block_length=8,
+                        eval_sampling_steps="4", output_dir=str(tmp_path))
     seen, handle = masks_seen(model)
     try:
-        agrpo.evaluate(model, tokenizer, examples, args, 4, tmp_path / "eval.jsonl")
+        agrpo.evaluate(model, tokenizer, examples, args, 0)
     finally:
         handle.remove()
     assert len(seen) == 2 * 4 and not any(seen)
-    rows = [json.loads(line) for line in open(tmp_path / "eval.jsonl")]
+    rows = [json.loads(line) for line in open(tmp_path / "eval-step0-T4.jsonl")]
     assert [r["question"] for r in rows] == questions
 
 
@@ -1862,10 +1863,10 @@ def test_a_sampled_evaluation_uses_its_own_truncation(toy, tmp_path, monkeypatch
     seen = []
     monkeypatch.setattr(agrpo, "generate", lambda m, ids, mask, a, g: seen.append((a.top_k, a.top_p)) or
                         agrpo.Rollout(ids, None, torch.zeros(len(ids), 8, dtype=torch.long), *[None] * 6))
-    args = toy_run_args(tokenizer, top_k=3, top_p=0.5, eval_temperature=1.0, eval_top_k=0, eval_top_p=0.95)
+    args = toy_run_args(tokenizer, top_k=3, top_p=0.5, eval_temperature=1.0, eval_top_k=0, eval_top_p=0.95,
+                        eval_sampling_steps="4", output_dir=str(tmp_path))
     monkeypatch.setattr(agrpo, "grade", lambda tok, c, ex, a: [{"answer": None, "score": 0, "text": ""}] * len(ex))
-    agrpo.evaluate(model, tokenizer, [{"question": "12+7=", "nums": [12, 7], "target": 19}], args, 4,
-                   tmp_path / "e.jsonl")
+    agrpo.evaluate(model, tokenizer, [{"question": "12+7=", "nums": [12, 7], "target": 19}], args, 0)
     assert seen == [(0, 0.95)]
 
 
