@@ -42,8 +42,8 @@ def arg(default, help, group=None):
 
 @dataclass
 class Args:
-    task: Literal["countdown", "gsm8k", "math500", "sudoku"] = arg(
-        "countdown", "Task to train on (reward.py).", group="task and model")
+    task: Literal["countdown", "gsm8k", "math500", "sudoku"] = arg("countdown", "Task to train on (reward.py).",
+                                                                   group="task and model")
     model: str = arg("GSAI-ML/LLaDA-8B-Instruct", "Hub id or local path of a masked diffusion LM; 'toy' builds "
                      "a tiny one offline and changes the defaults marked 'toy' to a CPU-sized run.")
     data: Literal["hub", "synthetic"] = arg("hub", "Where examples come from: the paper's hub data sets, or "
@@ -74,11 +74,9 @@ class Args:
     max_steps: Optional[int] = arg(None, "Training steps; default: as many as --num-train-epochs takes.")
     prompts_per_step: int = arg(16, "Prompts per training step, over all processes (the authors: 16).")
     micro_batch_size: int = arg(8, "Completions per forward pass on one process (gradients accumulate).")
-    update_schedule: Literal["paper", "released"] = arg(
-        "paper", "'paper': one optimizer update per gradient step. 'released': as the authors' released "
-                 "trainer ran on 8 GPUs with gradient accumulation 2, whatever the number of processes here: "
-                 "accumulate the even micro-batches, then update after each sampled step of the odd ones "
-                 "(see README).")
+    update_schedule: Literal["paper", "released"] = arg("paper", "'paper': one optimizer update per gradient step. "
+        "'released': as the authors' trainer ran (8 GPUs, gradient accumulation 2), whatever the number of processes "
+        "here: accumulate the even micro-batches, then update after each sampled step of the odd ones (see README).")
     group_size: int = arg(8, "Completions per prompt, G.", group="rollouts (generation as a denoising MDP)")
     completion_length: int = arg(384, "Completion length C.")
     block_length: int = arg(12, "Semi-autoregressive block length BL.")
@@ -87,9 +85,8 @@ class Args:
     temperature: float = arg(0.6, "Sampling temperature (> 0 for training).")
     top_p: float = arg(0.99, "Nucleus truncation of the support (1 = off).")
     top_k: int = arg(150, "Top-k truncation of the support (0 = off).")
-    estimator: Literal["agrpo", "diffu-grpo"] = arg(
-        "agrpo", "The policy gradient: AGRPO's unbiased Monte Carlo estimator, or d1's diffu-GRPO (one-step "
-                 "mean-field log-probs, biased), the baseline the paper improves on.",
+    estimator: Literal["agrpo", "diffu-grpo"] = arg("agrpo", "The policy gradient: AGRPO's unbiased Monte Carlo "
+        "estimator, or d1's diffu-GRPO (one-step mean-field log-probs, biased), the baseline the paper improves on.",
         group="the estimator and the objective")
     mc_samples: int = arg(24, "AGRPO: sampled timesteps M per completion.")
     importance_sampling: Literal["entropy", "uniform"] = arg("entropy", "AGRPO: distribution q over timesteps.")
@@ -126,17 +123,6 @@ class Args:
     @property
     def eval_steps(self):
         return [int(t) for t in self.eval_sampling_steps.split(",")]
-
-# `--model toy`: a CPU-sized run of a few minutes, its defaults (a typed flag still wins). It evaluates, at the start
-# and the end, the policy it trains (sampled at the training temperature, random unmasking): AGRPO improves what
-# the policy samples; greedy decoding of a model this small barely moves.
-TOY = dict(data="synthetic", device="cpu", dtype="float32", mask_token_id=2, lora_rank=0,
-           lora_targets="query,key,value,dense", learning_rate=6e-4, max_steps=150, prompts_per_step=8,
-           group_size=8, micro_batch_size=32, completion_length=24, block_length=8, sampling_steps=12,
-           mc_samples=4, top_k=0, top_p=1.0, temperature=1.0, eval_every=150, eval_completion_length=24,
-           eval_block_length=8, eval_sampling_steps="12", eval_unmasking="random", eval_temperature=1.0,
-           eval_batch_size=64)
-TOY_THREADS = 2  # the toy's threads, shared by its processes: the 2 cores of the machine this project is built on
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -233,9 +219,6 @@ class Rollout:
     entropy: torch.Tensor                # (B, C) entropy of that distribution
     support: Optional[torch.Tensor]      # (B, C, K) candidate ids, most probable first (None: no truncation)
     support_size: torch.Tensor           # (B, C) the support S_i is support[..., :support_size]
-
-    def __getitem__(self, rows):
-        return Rollout(*(None if v is None else v[rows] for v in dataclasses.astuple(self)))
 
 def with_completion(prompt_mask, C, rows=slice(None)):
     """The attention mask of prompt + completion, or None when no prompt is padded: LLaDA turns any mask into
@@ -567,15 +550,6 @@ def rl_step(model, tokenizer, optimizer, schedule, prompts, args, step):
     seconds["train"] = time.perf_counter() - clock
     return step_metrics(rewards, graded, advantages, tokens, stats, grad_norms, schedule, seconds, args)
 
-def all_reduce_gradients(params):
-    """DDP by hand: each gradient becomes the sum of every process's (each loss was divided by the step's prompts
-    over all processes, so the sum is the step's mean gradient)."""
-    if world()[1] > 1:
-        for p in params:
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-            dist.all_reduce(p.grad)
-
 def train(model, tokenizer, train_examples, test_examples, args):
     """The loop: training steps, evaluations, metrics and checkpoints, from the start or from --resume."""
     from transformers import get_cosine_schedule_with_warmup
@@ -733,6 +707,15 @@ def over_ranks(metrics, args, how):
             values /= world()[1]
     return dict(zip(metrics, values.tolist()))
 
+def all_reduce_gradients(params):
+    """DDP by hand: each gradient becomes the sum of every process's (each loss was divided by the step's prompts
+    over all processes, so the sum is the step's mean gradient)."""
+    if world()[1] > 1:
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            dist.all_reduce(p.grad)
+
 def gather_rows(rows, seconds):
     """Every process's evaluation rows, in the test set's order, and the seconds they took, summed."""
     if world()[1] > 1:
@@ -771,6 +754,17 @@ def from_pretrained(args):
 
 # ----------------------------------------------------------------------------------------------------------
 # The toy model and its supervised warm-up (--model toy): a CPU demo, not part of the method
+# The toy's defaults (a typed flag still wins): a CPU-sized run of a few minutes. It evaluates, at the start and the
+# end, the policy it trains (sampled at the training temperature, random unmasking): AGRPO improves what the policy
+# samples; greedy decoding of a model this small barely moves.
+TOY = dict(data="synthetic", device="cpu", dtype="float32", mask_token_id=2, lora_rank=0,
+           lora_targets="query,key,value,dense", learning_rate=6e-4, max_steps=150, prompts_per_step=8,
+           group_size=8, micro_batch_size=32, completion_length=24, block_length=8, sampling_steps=12,
+           mc_samples=4, top_k=0, top_p=1.0, temperature=1.0, eval_every=150, eval_completion_length=24,
+           eval_block_length=8, eval_sampling_steps="12", eval_unmasking="random", eval_temperature=1.0,
+           eval_batch_size=64)
+TOY_THREADS = 2  # the toy's threads, shared by its processes: the 2 cores of the machine this project is built on
+
 def toy_model_and_tokenizer(seed: int):
     """A tiny random bidirectional masked LM (BERT-shaped) and a character tokenizer, built offline. Numbers of up
     to three digits and the answer tags are whole tokens, so the toy can copy them; decoding gives back the same

@@ -75,6 +75,12 @@ def prompt(batch, ids=(1, 2)):
     return p, torch.ones_like(p)
 
 
+def rows_of(rollout, rows):
+    """The rollout of some of its completions."""
+    values = (getattr(rollout, f.name) for f in dataclasses.fields(rollout))
+    return agrpo.Rollout(*(None if v is None else v[rows] for v in values))
+
+
 def agrpo_backward(model, rollout, advantages, args, generator=None, prompts=1):
     """Back-propagate AGRPO's M losses on a micro-batch (divided by the step's prompts, as the training step
     does); returns the largest |r - 1| and whether the clip bound any token."""
@@ -287,7 +293,7 @@ def policy_gradient_draws(model, args, groups, seed, baseline):
     A = agrpo.group_advantages(R, G) if baseline == "group" else R
     draws = []
     for g in range(groups):
-        agrpo_backward(model, rollout[g * G:(g + 1) * G], A[g * G:(g + 1) * G], args, gen)
+        agrpo_backward(model, rows_of(rollout, slice(g * G, (g + 1) * G)), A[g * G:(g + 1) * G], args, gen)
         draws.append(-flat_grad(model))
     return torch.stack(draws)
 
@@ -391,10 +397,11 @@ def estimator_gradient_draws(model, args, groups, seed):
     for g in range(groups):
         rows = slice(g * G, (g + 1) * G)
         if args.estimator == "agrpo":
-            agrpo_backward(model, rollout[rows], R[rows], args, gen)
+            agrpo_backward(model, rows_of(rollout, rows), R[rows], args, gen)
         else:
             masked = agrpo.mask_prompt(rollout.prompt_ids[rows], args, gen)
-            for loss, _ in agrpo.diffu_grpo_losses(model, rollout[rows], R[rows], masked, None, share[rows], args):
+            for loss, _ in agrpo.diffu_grpo_losses(model, rows_of(rollout, rows), R[rows], masked, None, share[rows],
+                                                   args):
                 loss.backward()
         draws.append(-flat_grad(model))
     return torch.stack(draws)
@@ -688,7 +695,7 @@ def test_all_eos_completion_contributes_nothing():
     rollout = agrpo.generate(model, *prompt(2), args, torch.Generator().manual_seed(0))
     rollout.tokens[0] = EOS  # row 0: nothing but EOS, L = 0
     assert agrpo.trajectory_length(rollout, args)[0] == 0
-    agrpo_backward(model, rollout[0:1], torch.tensor([1.0]), args, torch.Generator().manual_seed(0))
+    agrpo_backward(model, rows_of(rollout, slice(0, 1)), torch.tensor([1.0]), args, torch.Generator().manual_seed(0))
     assert flat_grad(model).abs().max() == 0
 
 
