@@ -69,8 +69,7 @@ class Args:
     weight_decay: float = arg(0.01, "AdamW weight decay.")
     max_grad_norm: float = arg(1.0, "Gradient-norm clip.")
     warmup_ratio: float = arg(0.01, "Share of the schedule warmed up linearly before the cosine decay.")
-    num_train_epochs: float = arg(5.0, "Passes over the training prompts (sets the number of steps unless "
-                                  "--max-steps does).")
+    num_train_epochs: float = arg(5.0, "Passes over the training prompts (unless --max-steps sets the length).")
     max_steps: Optional[int] = arg(None, "Training steps; default: as many as --num-train-epochs takes.")
     prompts_per_step: int = arg(16, "Prompts per training step, over all processes (the authors: 16).")
     micro_batch_size: int = arg(8, "Completions per forward pass on one process (gradients accumulate).")
