@@ -323,9 +323,9 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
             K = draw.support.shape[-1]
             support = nn.functional.pad(support, (0, max(K - support.shape[-1], 0)))
             support[r, lo + j, :K] = draw.support.gather(1, j[..., None].expand(-1, -1, K))
-        if (t + 1) % steps_per_block == 0:  # 5. a block that came out all EOS ends its row; the rest is EOS
-            done = (x[rows, P + lo:P + lo + BL] == args.eos_token_id).all(-1)  # filler, revealed by no step
-            x[rows[done], P + lo + BL:] = args.eos_token_id
+        if (t + 1) % steps_per_block == 0:  # 5. the block is complete: one all EOS ends its row
+            done = (x[rows, P + lo:P + lo + BL] == args.eos_token_id).all(-1)
+            x[rows[done], P + lo + BL:] = args.eos_token_id  # the rest is EOS filler, revealed by no step
             rows = rows[~done]
             if len(rows) == 0:
                 break
@@ -640,9 +640,7 @@ def evaluate(model, tokenizer, examples, args, step, name="eval"):
 
 
 # ==========================================================================================================
-# Plumbing, not AGRPO: processes and prompts, the toy model, runs and checkpoints, signals, curves, the command
-# line.
-
+# Plumbing, not AGRPO: processes, the toy model, runs and checkpoints, signals, curves, the command line.
 
 # ----------------------------------------------------------------------------------------------------------
 # Processes, prompts, metrics and the hub: what the method calls, named for what it does
@@ -793,6 +791,12 @@ def toy_model_and_tokenizer(seed: int):
                         eos_token_id=tokenizer.eos_token_id, attn_implementation="sdpa")
     return BertForMaskedLM(config), tokenizer
 
+def toy_answer(task, example):
+    """A solved completion, in the format reward.py grades in full."""
+    if task == "countdown":
+        return f"<answer>{reward.solve_countdown(example['nums'], example['target'])} = {example['target']}</answer>"
+    return f"<answer>{example['answer']}</answer>"
+
 def warm_up_toy(model, tokenizer, args, batch=32, lr=2e-3):
     """A short supervised start, so that the random toy model earns some reward and the policy gradient has
     something to work on. It is LLaDA's own pre-training objective, masked diffusion, on solved synthetic problems:
@@ -810,9 +814,7 @@ def warm_up_toy(model, tokenizer, args, batch=32, lr=2e-3):
         return model.load_state_dict(torch.load(path, weights_only=True))
     examples = reward.load_examples(args.task, "train", "synthetic", n=min(steps * batch, reward.SYNTHETIC_TRAIN_SIZE),
                                     seed=args.seed)
-    solved = [reward.solve_countdown(ex["nums"], ex["target"]) + f" = {ex['target']}" if args.task == "countdown"
-              else ex["answer"] for ex in examples]  # in the format reward.py grades in full
-    answers = tokenizer([f"<answer>{s}</answer>" for s in solved], add_special_tokens=False)["input_ids"]
+    answers = tokenizer([toy_answer(args.task, ex) for ex in examples], add_special_tokens=False)["input_ids"]
     answers = torch.tensor([(ids + [args.eos_token_id] * C)[:C] for ids in answers])
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / steps)
@@ -958,8 +960,9 @@ def open_run(args):
         require(not is_run(args.output_dir) and not os.path.exists(os.path.join(args.output_dir, "metrics.jsonl")),
                 f"{args.output_dir} already holds a run: continue it with --resume {args.output_dir}, or choose "
                 "another --output-dir")
-    RUN_LOCKS.append(lock(args.output_dir))
-    require(RUN_LOCKS[-1], f"{args.output_dir} was taken by another run started at the same moment; start again")
+    f = lock(args.output_dir)
+    require(f, f"{args.output_dir} was taken by another run started at the same moment; start again")
+    RUN_LOCKS.append(f)
     write_atomically(os.path.join(args.output_dir, "config.json"), json.dumps(dataclasses.asdict(args), indent=1))
     return args.output_dir
 
@@ -1036,7 +1039,8 @@ def metrics_log(run, step):
     return the function that appends a line of metrics to it (on the first process)."""
     path = os.path.join(run, "metrics.jsonl")
     if world()[0] == 0 and os.path.exists(path):
-        write_atomically(path, "".join(json.dumps(r) + "\n" for r in read_metrics(path) if 0 < step and r["step"] <= step))
+        kept = [row for row in read_metrics(path) if 0 < step and row["step"] <= step]
+        write_atomically(path, "".join(json.dumps(row) + "\n" for row in kept))
 
     def log(step, metrics):
         if world()[0] == 0:
@@ -1219,8 +1223,9 @@ def read_config(parser, path, typed_before):
     except (ValueError, yaml.YAMLError) as e:
         mark = getattr(e, "problem_mark", None)
         line = getattr(e, "lineno", None) or (mark.line + 1 if mark else "?")
-        raise UsageError(f"{path} is not valid {kind} (line {line}: {getattr(e, 'msg', None) or getattr(e, 'problem', e)}"
-                         "); fix it, or type the settings as flags") from None
+        problem = getattr(e, "msg", None) or getattr(e, "problem", e)
+        raise UsageError(f"{path} is not valid {kind} (line {line}: {problem}); fix it, or type the settings as "
+                         "flags") from None
     require(isinstance(settings, dict), f"{path} should hold a mapping of settings, like learning_rate: 1.0e-5")
     fields = {f.name: f for f in dataclasses.fields(Args)}
     flags, nulls = [], {}

@@ -1497,6 +1497,14 @@ def test_warmed_up_toy_earns_more_reward_under_agrpo_and_not_without(tmp_path):
     assert rise(trained) > 0.1 > rise(frozen), (trained, frozen)
 
 
+def test_toy_warm_up_answers_earn_the_full_reward():
+    """The warm-up teaches the toy answers that reward.py grades in full: format and correctness."""
+    for task in ("countdown", "sudoku"):
+        for ex in reward.load_examples(task, "train", "synthetic", n=20, seed=5):
+            answer = agrpo.toy_answer(task, ex)
+            assert reward.reward_parts(task, answer, ex)["format"] == 1.0 and reward.is_correct(task, answer, ex) == 1
+
+
 def test_toy_warm_up_without_a_writable_cache_still_runs(tmp_path, monkeypatch, capsys):
     """A cache place that cannot be written costs the cache, not the run: one line says so."""
     (tmp_path / "file").write_text("")
@@ -1698,6 +1706,11 @@ def test_mismatched_checkpoint_is_refused_and_a_corrupt_newest_one_is_passed_ove
     assert "checkpoint-3 cannot be read (damaged or cut short); going on from " in capsys.readouterr().out
     assert agrpo.checkpoints(out)[-1].endswith("checkpoint-4")
     assert [m["step"] for m in metric_lines(out)] == [1, 2, 3, 4]
+    with open(os.path.join(out, "checkpoint-4", "args.json"), "w") as f:
+        f.write('{"task": "count')  # its settings cut short
+    agrpo.main(["--resume", out, "--max-steps", "5"])
+    assert "checkpoint-4 cannot be read (damaged or cut short); going on from " in capsys.readouterr().out
+    assert agrpo.checkpoints(out)[-1].endswith("checkpoint-5")
 
 
 def test_lora_merges_and_exports(tmp_path):
@@ -1889,13 +1902,27 @@ def test_latest_never_continues_another_run(tmp_path, monkeypatch):
     agrpo.open_run(args)  # a run that died before its first checkpoint (and so let go of its lock)
     agrpo.RUN_LOCKS.pop().close()
     with open(os.path.join(crashed, "metrics.jsonl"), "w") as f:
-        f.write('{"step": 1, "reward": 0.0}\n')
+        f.write('{"step": 0, "eval_T8_accuracy": 0.0}\n{"step": 1, "reward": 0.0}\n')  # none of it is kept
     with pytest.raises(agrpo.UsageError, match=f"the newest run, {crashed}, has no checkpoint yet: restart it with "
                                          f"--resume {crashed}"):
         agrpo.parse_args(["--resume", "latest"])
     agrpo.main(["--resume", crashed])
     assert [m["step"] for m in metric_lines(crashed)] == [1] and agrpo.checkpoints(crashed)
     assert agrpo.checkpoints(os.path.join("runs", "countdown-same-second"))  # the older run is untouched
+
+
+def test_a_directory_two_runs_claim_at_once_goes_to_one(tmp_path):
+    """Two runs given one new --output-dir at the same moment: the one that locks it second stops with one
+    sentence and holds nothing."""
+    out = tmp_path / "run"
+    out.mkdir()
+    other = agrpo.lock(str(out))  # the other run has locked the directory, not yet written its settings
+    try:
+        with pytest.raises(SystemExit, match="was taken by another run started at the same moment; start again"):
+            agrpo.main(FAST + ["--output-dir", str(out)])
+        assert not agrpo.RUN_LOCKS and os.listdir(out) == [".lock"]
+    finally:
+        other.close()
 
 
 def test_runs_where_no_lock_can_be_taken_still_train_and_resume(tmp_path, monkeypatch):
@@ -1951,12 +1978,31 @@ def test_two_runs_at_once_then_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp
     for out, err in outputs:
         assert "Traceback" not in err
         (line,) = [line for line in out.splitlines() if "resume with:" in line]
+        assert "(checkpoint saved); resume with: python agrpo.py --resume runs/" in line
         run = re.search(r"--resume (\S+)", line)[1]
         (checkpoint,) = agrpo.checkpoints(str(tmp_path / run))
         step = int(checkpoint.rsplit("-", 1)[1])
         assert step >= 1 and [m["step"] for m in metric_lines(tmp_path / run)] == list(range(1, step + 1))
     agrpo.main(line.split("resume with: python agrpo.py ")[1].split() + ["--max-steps", str(step + 1)])
     assert [m["step"] for m in metric_lines(tmp_path / run)] == list(range(1, step + 2))
+
+
+def test_a_stop_just_after_a_save_keeps_that_checkpoint(tmp_path, monkeypatch, capsys):
+    """A stop that comes while a checkpoint is being written does not write it again: the run ends with the
+    resume line (no "checkpoint saved"), exit 130, and that checkpoint is the run's newest."""
+    out, save = str(tmp_path / "run"), agrpo.save_checkpoint
+
+    def save_then_ctrl_c(*a, **k):
+        step = save(*a, **k)
+        agrpo.STOP_SIGNALS.append(signal.SIGINT)  # as a handler records a Ctrl-C that came during the save
+        return step
+    monkeypatch.setattr(agrpo, "save_checkpoint", save_then_ctrl_c)
+    with pytest.raises(SystemExit) as stop:
+        agrpo.main(FAST + ["--max-steps", "3", "--save-every", "1", "--output-dir", out])
+    assert stop.value.code == 130
+    assert f"stopped by SIGINT after step 1 of 3; resume with: python agrpo.py --resume {out}\n" in \
+        capsys.readouterr().out
+    assert agrpo.checkpoints(out) == [os.path.join(out, "checkpoint-1")]
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
