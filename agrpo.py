@@ -1195,7 +1195,7 @@ def build_parser():
     group = parser
     for f in dataclasses.fields(Args):
         group = parser.add_argument_group(f.metadata["group"]) if f.metadata["group"] else group
-        shown = [f"default: {f.default}"] * (f.default is not None) + ([f"toy: {TOY[f.name]}"] if f.name in TOY else [])
+        shown = [f"{k}: {v}" for k, v in (("default", f.default), ("toy", TOY.get(f.name))) if v is not None]
         options = dict(help=(f.metadata["help"] + (f" ({'; '.join(shown)})" if shown else "")).replace("%", "%%"))
         if f.type is bool:
             options["action"] = argparse.BooleanOptionalAction
