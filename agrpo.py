@@ -696,13 +696,13 @@ def step_metrics(rewards, graded, advantages, tokens, stats, grad_norms, schedul
     return metrics
 
 def over_ranks(metrics, args, how):
-    """The metrics as plain floats, their mean or their max over processes."""
-    values = torch.tensor([float(v) for v in metrics.values()], dtype=torch.float64, device=args.device)
+    """The metrics as plain floats, their mean or their max over processes (one process: no tensor, no sync)."""
+    values = [float(v) for v in metrics.values()]
     if world()[1] > 1:
-        dist.all_reduce(values, op=dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.SUM)
-        if how == "mean":
-            values /= world()[1]
-    return dict(zip(metrics, values.tolist()))
+        reduced = torch.tensor(values, dtype=torch.float64, device=args.device)
+        dist.all_reduce(reduced, op=dist.ReduceOp.MAX if how == "max" else dist.ReduceOp.SUM)
+        values = (reduced / world()[1] if how == "mean" else reduced).tolist()
+    return dict(zip(metrics, values))
 
 def all_reduce_gradients(params):
     """DDP by hand: each gradient becomes the sum of every process's (each loss was divided by the step's prompts
@@ -896,8 +896,8 @@ def find_resume(resume, output_dir, task=None):
         return os.path.dirname(os.path.normpath(resume)), resume
     if resume == "latest" and not output_dir:
         runs = [os.path.join("runs", d) for d in os.listdir("runs")] if os.path.isdir("runs") else []
-        runs = [r for r in runs if is_run(r) and task in (None, (read_json(os.path.join(r, "config.json")) or {})
-                                                          .get("task"))]
+        saved_task = lambda r: (read_json(os.path.join(r, "config.json")) or {}).get("task")
+        runs = [r for r in runs if is_run(r) and task in (None, saved_task(r))]
         busy = [r for r in runs if being_written(r)]
         for r in busy:
             say(f"resume: passing over {r}, which another process is writing")
@@ -1074,12 +1074,7 @@ STOP_SIGNALS = []
 
 def stop_if_asked(args):
     """Raise Stop if a signal came to this process or, under DDP, to any."""
-    stop = bool(STOP_SIGNALS)
-    if world()[1] > 1:  # (one process: no tensor, no sync)
-        flag = torch.tensor(float(stop), device=args.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag)
-    if stop:
+    if over_ranks({"signals": len(STOP_SIGNALS)}, args, "max")["signals"]:
         raise Stop
 
 @contextlib.contextmanager
