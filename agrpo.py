@@ -179,13 +179,6 @@ def adapters_off(model):
         for m in loras:
             m.enabled = True
 
-def merge_lora(model):
-    """Fold the adapters into the weights, for export as a plain transformers model."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, LoRALinear):
-            swap_module(model, name, module.merged())
-    return model
-
 def load_model_and_tokenizer(args, warm_up=True):
     """LLaDA-8B-Instruct (remote code, bf16), a model this program exported, or the toy model (with its warm-up
     unless `warm_up` is off), with adapters if --lora-rank > 0; fills args.eos_token_id."""
@@ -218,32 +211,6 @@ class Rollout:
     entropy: torch.Tensor                # (B, C) entropy of that distribution
     support: Optional[torch.Tensor]      # (B, C, K) candidate ids, most probable first (None: no truncation)
     support_size: torch.Tensor           # (B, C) the support S_i is support[..., :support_size]
-
-def with_completion(prompt_mask, C, rows=slice(None)):
-    """The attention mask of prompt + completion, or None when no prompt is padded: LLaDA turns any mask into
-    an additive bias (ruling out fused attention kernels) and checks it on the host every forward."""
-    if prompt_mask is None:
-        return None
-    mask = prompt_mask[rows]
-    return torch.cat([mask, mask.new_ones(mask.shape[0], C)], 1)
-
-def logits_at(model, input_ids, attention_mask, positions):
-    """Logits (B, n, V) at `positions` (B, n) only: the output layer is fed just those hidden states, so the
-    full (B, length, V) logits are never built (for any model whose output layer is a module)."""
-    head = model.get_output_embeddings()
-    if head is None or isinstance(head, nn.Embedding):  # tied through F.linear: slice the full logits
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
-        return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
-
-    def keep_positions(_, inputs):
-        hidden = inputs[0]
-        return (hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1])),) + inputs[1:]
-
-    handle = head.register_forward_pre_hook(keep_positions)
-    try:
-        return model(input_ids=input_ids, attention_mask=attention_mask).logits
-    finally:
-        handle.remove()
 
 def truncated_logits(logits, args):
     """softmax(logits / temperature) restricted to S_i: top-k, then top-p on the renormalised top-k. Returns the
@@ -464,15 +431,6 @@ def diffu_grpo_losses(model, rollout, advantages, masked_prompt, old_logp, share
 
 # ----------------------------------------------------------------------------------------------------------
 # 6. Training: the step and the loop, on one GPU or many (torchrun)
-def seed_of(args, purpose, *index):
-    """The seed of one random stream: its purpose ("rollout", "timesteps", "prompt mask", "dropout", "evaluation")
-    and its index (the training step, the global micro-batch, ...). Results do not depend on the number of
-    processes, and a resumed run needs no RNG state."""
-    return random.Random(str((args.seed, purpose, *index))).getrandbits(63)
-
-def stream(args, purpose, *index):
-    return torch.Generator(args.device).manual_seed(seed_of(args, purpose, *index))
-
 def rl_step(model, tokenizer, optimizer, schedule, prompts, args, step):
     """One training step on this process's share of whole prompt groups: G completions per prompt, their rewards
     and advantages, then num_iterations gradient steps of the chosen estimator. Returns the metrics."""
@@ -640,10 +598,10 @@ def evaluate(model, tokenizer, examples, args, step, name="eval"):
 
 
 # ==========================================================================================================
-# Plumbing, not AGRPO: processes, the toy model, runs and checkpoints, signals, curves, the command line.
+# Plumbing, not AGRPO: the method's helpers, the toy model, runs and checkpoints, signals, curves, flags.
 
 # ----------------------------------------------------------------------------------------------------------
-# Processes, prompts, metrics and the hub: what the method calls, named for what it does
+# What the method calls, named for what it does: processes, random streams, prompts, logits, metrics, the hub
 def world():
     """(rank, number of processes); torchrun starts one process per GPU."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -660,6 +618,41 @@ def tokenize_prompts(tokenizer, examples, args):
     enc = tokenizer(prompt_texts(tokenizer, examples, args), padding=True, padding_side="left",
                     add_special_tokens=False, return_tensors="pt")
     return enc["input_ids"].to(args.device), enc["attention_mask"].to(args.device)
+
+def seed_of(args, purpose, *index):
+    """The seed of one random stream: its purpose ("rollout", "timesteps", "prompt mask", "dropout", "evaluation")
+    and its index (the training step, the global micro-batch, ...). Results do not depend on the number of
+    processes, and a resumed run needs no RNG state."""
+    return random.Random(str((args.seed, purpose, *index))).getrandbits(63)
+
+def stream(args, purpose, *index):
+    return torch.Generator(args.device).manual_seed(seed_of(args, purpose, *index))
+
+def with_completion(prompt_mask, C, rows=slice(None)):
+    """The attention mask of prompt + completion, or None when no prompt is padded: LLaDA turns any mask into
+    an additive bias (ruling out fused attention kernels) and checks it on the host every forward."""
+    if prompt_mask is None:
+        return None
+    mask = prompt_mask[rows]
+    return torch.cat([mask, mask.new_ones(mask.shape[0], C)], 1)
+
+def logits_at(model, input_ids, attention_mask, positions):
+    """Logits (B, n, V) at `positions` (B, n) only: the output layer is fed just those hidden states, so the
+    full (B, length, V) logits are never built (for any model whose output layer is a module)."""
+    head = model.get_output_embeddings()
+    if head is None or isinstance(head, nn.Embedding):  # tied through F.linear: slice the full logits
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        return logits.gather(1, positions[..., None].expand(-1, -1, logits.shape[-1]))
+
+    def keep_positions(_, inputs):
+        hidden = inputs[0]
+        return (hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1])),) + inputs[1:]
+
+    handle = head.register_forward_pre_hook(keep_positions)
+    try:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        handle.remove()
 
 @functools.lru_cache(maxsize=2)
 def epoch_order(n, seed, epoch):
@@ -1023,6 +1016,13 @@ def resume_training(model, optimizer, schedule, total_steps, args):
         say(f"resume: the cosine schedule is re-sized from {saved_total} to {total_steps} steps; step {step + 1} "
             f"trains at learning rate {optimizer.param_groups[0]['lr']:.3g}")
     return step, prompts_seen, elapsed
+
+def merge_lora(model):
+    """Fold the adapters into the weights, for export as a plain transformers model."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, LoRALinear):
+            swap_module(model, name, module.merged())
+    return model
 
 def export(model, tokenizer, path, source):
     """Fold the adapters into the weights and write a transformers model that from_pretrained loads back (into a
