@@ -272,16 +272,17 @@ def generate(model, prompt_ids, prompt_mask, args, generator=None) -> Rollout:
     support_size = torch.ones(B, C, dtype=torch.long, device=dev)
     rows = torch.arange(B, device=dev)  # rows still generating
     for t in range(T):
-        lo = t // steps_per_block * BL  # the current block: lo .. lo + BL - 1
+        if t % steps_per_block == 0:  # a new block, lo .. lo + BL - 1, for the rows still generating
+            lo = t // steps_per_block * BL
+            block = torch.arange(P + lo, P + lo + BL, device=dev).expand(len(rows), -1)
+            attention, r = with_completion(prompt_mask, C, rows), rows[:, None]
         # 1. one forward pass on s_t; 2. a draw at every position of the block
-        block = torch.arange(P + lo, P + lo + BL, device=dev).expand(len(rows), -1)
-        draw = sample_tokens(logits_at(model, x[rows], with_completion(prompt_mask, C, rows), block), args, generator)
+        draw = sample_tokens(logits_at(model, x[rows], attention, block), args, generator)
         # 3. k positions still masked (a sampled mask id counts as revealed): the most confident, or random
         priority = draw.confidence if args.unmasking == "low_confidence" else \
             torch.rand(draw.confidence.shape, device=dev, generator=generator)
         j = priority.masked_fill(revealed_at[rows, lo:lo + BL] < T, -math.inf).topk(k, dim=-1).indices  # (R, k)
         # 4. reveal them, and record what the policy gradient needs
-        r = rows[:, None]
         x[r, P + lo + j] = draw.tokens.gather(1, j)
         revealed_at[r, lo + j], positions[rows, t] = t, lo + j
         logp[r, lo + j], entropy[r, lo + j] = draw.logp.gather(1, j), draw.entropy.gather(1, j)
@@ -331,12 +332,13 @@ def sample_timesteps(rollout, L, args, generator=None):
     if args.low_discrepancy:
         u = (torch.randperm(B * M, device=dev, generator=generator) + u) / (B * M)
     live = torch.arange(T, device=dev) < L[:, None]  # steps 0..L-1
-    mass = live.double()
     if args.importance_sampling == "entropy":
         # the EOS filler (revealed at T, by no step) lands on step T - 1 with entropy 0: it adds no mass
         mass = torch.zeros(B, T, dtype=torch.float64, device=dev).scatter_add_(
             1, rollout.revealed_at.clamp(max=T - 1), rollout.entropy.double())
         mass = (mass + 1e-8) * live  # + 1e-8: q(t) > 0 on every live step, as unbiasedness needs
+    else:
+        mass = live.double()
     q = mass / mass.sum(1, keepdim=True).clamp_min(1e-30)
     t = torch.searchsorted(q.cumsum(1), u.view(B, M))  # the inverse CDF of q
     t = t.clamp(max=(L - 1).clamp_min(0)[:, None])  # a u that rounding puts past the last cumulative sum
