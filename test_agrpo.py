@@ -66,7 +66,8 @@ def tiny_model(seed=0, vocab=4, eos_bias=0.0, scale=1.0):
 
 def toy_args(**kw):
     base = dict(completion_length=3, block_length=3, sampling_steps=3, mask_token_id=MASK, eos_token_id=EOS,
-                temperature=1.0, top_k=0, top_p=1.0, group_size=4, mc_samples=2, device="cpu", dtype="float32")
+                temperature=1.0, top_k=0, top_p=1.0, group_size=4, mc_samples=2, prompts_per_step=1, device="cpu",
+                dtype="float32")
     return Args(**{**base, **kw})
 
 
@@ -81,12 +82,12 @@ def rows_of(rollout, rows):
     return agrpo.Rollout(*(None if v is None else v[rows] for v in values))
 
 
-def agrpo_backward(model, rollout, advantages, args, generator=None, prompts=1):
-    """Back-propagate AGRPO's M losses on a micro-batch (divided by the step's prompts, as the training step
-    does); returns the largest |r - 1| and whether the clip bound any token."""
+def agrpo_backward(model, rollout, advantages, args, generator=None):
+    """Back-propagate AGRPO's M losses on a micro-batch, as the training step does; returns the largest |r - 1|
+    and whether the clip bound any token."""
     deviation, clipped = 0.0, False
     for loss, (ratio, adv, _) in agrpo.agrpo_losses(model, rollout, advantages, args, generator):
-        (loss / prompts).backward()
+        loss.backward()
         deviation = max(deviation, float((ratio.detach() - 1).abs().max()))
         clipped |= bool(((ratio - 1).abs() > args.epsilon).any())
     return deviation, clipped
@@ -447,12 +448,28 @@ def test_diffu_grpo_log_probs_are_one_masked_forward_and_one_iteration_has_ratio
     C, P = args.completion_length, ids.shape[1]
     full = model(input_ids=torch.cat([masked, torch.full((2, C), args.mask_token_id)], 1)).logits[:, P:]
     direct = full.log_softmax(-1).gather(-1, rollout.tokens[..., None]).squeeze(-1)
-    assert torch.allclose(agrpo.mean_field_logprobs(model, masked, rollout.tokens, args), direct, atol=1e-5)
+    assert torch.allclose(agrpo.mean_field_logprobs(model, rollout, masked, args), direct, atol=1e-5)
     share = agrpo.token_shares(rollout.tokens, args)
     (loss, (ratio, _, _)), = agrpo.diffu_grpo_losses(model, rollout, torch.tensor([1.0, -1.0]), masked, None,
                                                      share, args)
     assert torch.equal(ratio, torch.ones_like(ratio))
     model.zero_grad(set_to_none=True)
+
+
+def test_diffu_grpo_scores_a_padded_micro_batch_under_the_samplers_attention_mask(toy):
+    """A micro-batch of prompts of different lengths is left-padded; diffu-GRPO scores it under the attention mask
+    the sampler drew it with, so a padded row's log-probs do not depend on what the padding holds (without the
+    mask they would)."""
+    model, tokenizer = toy
+    args = toy_run_args(tokenizer, estimator="diffu-grpo")
+    ids, mask = toy_prompts(tokenizer)  # "12+7=" left-padded to the length of the other prompt
+    rollout = agrpo.generate(model, ids, mask, args, torch.Generator().manual_seed(0))
+    assert rollout.prompt_attention is not None and not rollout.prompt_attention.all()
+    other = ids.masked_fill(mask == 0, tokenizer.convert_tokens_to_ids("x"))  # the same prompts, other padding
+    scored = [agrpo.mean_field_logprobs(model, rollout, prompt, args) for prompt in (ids, other)]
+    assert torch.allclose(*scored, atol=1e-6)
+    unmasked = dataclasses.replace(rollout, prompt_attention=None)
+    assert not torch.allclose(*[agrpo.mean_field_logprobs(model, unmasked, p, args) for p in (ids, other)], atol=1e-3)
 
 
 def test_diffu_grpo_kl_is_beta_k3_without_the_ratio(toy):
@@ -525,7 +542,7 @@ def test_recomputed_logprobs_equal_recorded(toy, unmasking):
     rollout = agrpo.generate(model, *toy_prompts(tokenizer), args, torch.Generator().manual_seed(0))
     assert rollout.support is not None and (rollout.support_size < 20).any(), "top-p must be active"
     for t in range(args.sampling_steps):
-        logp, pos = agrpo.step_logprobs(model, rollout, torch.full((2,), t), args)
+        logp, pos = agrpo.revealed_logprobs(model, rollout, torch.full((2,), t), args)
         assert torch.allclose(logp, rollout.logp.gather(1, pos), atol=1e-5), t
     deviation, clipped = agrpo_backward(model, rollout, torch.tensor([1.0, -1.0]), args,
                                         torch.Generator().manual_seed(1))
@@ -646,7 +663,7 @@ def test_ppo_clip_acts_on_both_sides():
     model, args = tiny_model(seed=5), toy_args(eos_token_id=99, group_size=1, mc_samples=1, epsilon=0.2)
     rollout = agrpo.generate(model, *prompt(1), args, torch.Generator().manual_seed(0))
     t0 = lambda rollout, L, args, generator=None: (torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1))
-    agrpo.step_logprobs(model, rollout, torch.zeros(1, dtype=torch.long), args)[0].sum().backward()
+    agrpo.revealed_logprobs(model, rollout, torch.zeros(1, dtype=torch.long), args)[0].sum().backward()
     grad_logp = flat_grad(model)
     position = rollout.positions[0, 0, 0]
     for advantage, ratio, clipped in [(1.0, 1.5, True), (1.0, 0.5, False), (-1.0, 1.5, False), (-1.0, 0.5, True),
@@ -683,7 +700,7 @@ def test_kl_term_gradient_is_the_gradient_of_the_kl_to_the_reference():
     mean = 0
     for v in range(4):
         rollout.tokens[0, 0] = v
-        rollout.logp[0, 0] = agrpo.step_logprobs(model, rollout, t, args)[0].detach()
+        rollout.logp[0, 0] = agrpo.revealed_logprobs(model, rollout, t, args)[0].detach()
         agrpo_backward(model, rollout, torch.zeros(1), args, torch.Generator().manual_seed(0))
         mean = mean + logpi[v].exp().detach() * flat_grad(model)
     assert expected.norm() > 1e-3 and torch.allclose(mean, expected, atol=1e-6)
@@ -740,7 +757,7 @@ def test_top_p_alone_keeps_only_the_widest_nucleus(toy):
     rollout = agrpo.generate(model, *toy_prompts(tokenizer), args, torch.Generator().manual_seed(0))
     assert rollout.support_size.max() <= rollout.support.shape[-1] < model.config.vocab_size
     for t in range(args.sampling_steps):
-        logp, pos = agrpo.step_logprobs(model, rollout, torch.full((2,), t), args)
+        logp, pos = agrpo.revealed_logprobs(model, rollout, torch.full((2,), t), args)
         assert torch.allclose(logp, rollout.logp.gather(1, pos), atol=1e-5), t
 
 
@@ -802,7 +819,7 @@ class RecordingAdamW(torch.optim.AdamW):
         return super().step(closure)
 
 
-def released_trainer_by_hand(model, optimizer, rollouts, advantages, args, step, prompts):
+def released_trainer_by_hand(model, optimizer, rollouts, advantages, args, step):
     """The released trainer's updates written plainly, as its 8 processes x 2 micro-batches ran: accumulate the
     even micro-batches, then, for each sampled step m, the odd micro-batches' backward passes of m and an
     optimizer update, each clipped."""
@@ -810,16 +827,16 @@ def released_trainer_by_hand(model, optimizer, rollouts, advantages, args, step,
     G = args.group_size
     for i in range(0, len(rollouts), 2):
         agrpo_backward(model, rollouts[i], advantages[i * G:(i + 1) * G], args,
-                       agrpo.stream(args, "timesteps", step, 0, i), prompts=prompts)
+                       agrpo.stream(args, "timesteps", step, 0, i))
     draws = {i: agrpo.sample_timesteps(rollouts[i], agrpo.trajectory_length(rollouts[i], args), args,
                                        agrpo.stream(args, "timesteps", step, 0, i)) for i in range(1, len(rollouts), 2)}
     for m in range(args.mc_samples):
         for i, (t, weight) in draws.items():
             rollout, adv = rollouts[i], advantages[i * G:(i + 1) * G][:, None]
-            logp, pos = agrpo.step_logprobs(model, rollout, t[:, m], args)
+            logp, pos = agrpo.revealed_logprobs(model, rollout, t[:, m], args)
             ratio = (logp - rollout.logp.gather(1, pos)).exp()
             term = -torch.min(ratio * adv, ratio.clamp(1 - args.epsilon, 1 + args.epsilon) * adv)
-            ((term * weight[:, m, None]).sum() / (prompts * args.mc_samples * G)).backward()
+            ((term * weight[:, m, None]).sum() / (args.prompts_per_step * args.mc_samples * G)).backward()
         torch.nn.utils.clip_grad_norm_(trainable, args.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -845,7 +862,7 @@ def test_released_schedule_updates_after_each_sampled_step(toy, monkeypatch):
             texts = tokenizer.batch_decode(torch.cat([r.tokens for r in rollouts]), skip_special_tokens=True)
             rewards = torch.tensor([count_1("", text, {})["correct"] for text in texts])
             model.train()
-            released_trainer_by_hand(model, optimizer, rollouts, agrpo.group_advantages(rewards, 2), args, 1, 4)
+            released_trainer_by_hand(model, optimizer, rollouts, agrpo.group_advantages(rewards, 2), args, 1)
         else:
             agrpo.rl_step(model, tokenizer, optimizer, cosine, examples,
                           dataclasses.replace(args, update_schedule=schedule), 1)
@@ -1453,14 +1470,15 @@ def test_toy_model_learns_a_toy_reward():
     mean covers 480 tokens, so its standard error is about 0.02 and the margin 0.3 is over ten of them; the
     share starts near 1/4, so only learning can add 0.3."""
     model = tiny_model(seed=0, vocab=4)
-    args = toy_args(completion_length=6, block_length=6, sampling_steps=6, group_size=4, mc_samples=2)
+    args = toy_args(completion_length=6, block_length=6, sampling_steps=6, group_size=4, mc_samples=2,
+                    prompts_per_step=4)
     optimizer = torch.optim.Adam(model.parameters(), lr=0.03)
     gen = torch.Generator().manual_seed(0)
     history = []
     for _ in range(40):
         rollout = agrpo.generate(model, *prompt(4 * args.group_size), args, gen)
         rewards = (rollout.tokens == 1).float().mean(1)
-        agrpo_backward(model, rollout, agrpo.group_advantages(rewards, args.group_size), args, gen, prompts=4)
+        agrpo_backward(model, rollout, agrpo.group_advantages(rewards, args.group_size), args, gen)
         optimizer.step()
         optimizer.zero_grad()
         history.append(rewards.mean().item())
@@ -1483,7 +1501,7 @@ def test_warmed_up_toy_earns_more_reward_under_agrpo_and_not_without(tmp_path):
         agrpo.warm_up_toy(model, tokenizer, args, batch=16)  # the first arm trains and caches, the second loads
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, step / 4))
-        return [float(agrpo.rl_step(model, tokenizer, optimizer, schedule, puzzle, args, step)["reward"])
+        return [float(agrpo.rl_step(model, tokenizer, optimizer, schedule, puzzle, args, step)["rewards"].mean())
                 for step in range(1, 13)]
 
     def rise(r):
@@ -1505,20 +1523,9 @@ def test_toy_warm_up_answers_earn_the_full_reward():
             assert reward.reward_parts(task, answer, ex)["format"] == 1.0 and reward.is_correct(task, answer, ex) == 1
 
 
-def test_toy_warm_up_without_a_writable_cache_still_runs(tmp_path, monkeypatch, capsys):
-    """A cache place that cannot be written costs the cache, not the run: one line says so."""
-    (tmp_path / "file").write_text("")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "file"))
-    args = agrpo.parse_args(["--model", "toy", "--toy-warmup-steps", "2"])
-    before = agrpo.toy_model_and_tokenizer(args.seed)[0].state_dict()
-    model, _ = agrpo.load_model_and_tokenizer(args)
-    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    assert "the toy warm-up is not cached (Not a directory" in capsys.readouterr().out
-
-
 def test_main_runs_evaluates_logs_and_checkpoints(tmp_path, capsys):
     """A toy run evaluates at the start and the end, logs every metric the README lists (one line a step, and
-    one an evaluation), writes auditable evaluation rows, a checkpoint, curves.svg, and prints a summary."""
+    one an evaluation), writes auditable evaluation rows, a checkpoint, curves.svg, and says where they are."""
     out = str(tmp_path / "run")
     agrpo.main(["--task", "countdown", "--model", "toy", "--toy-warmup-steps", "0", "--max-steps", "2",
                 "--eval-every", "2", "--eval-examples", "8", "--train-examples", "64", "--output-dir", out])
@@ -1541,24 +1548,37 @@ def test_main_runs_evaluates_logs_and_checkpoints(tmp_path, capsys):
     assert saved == json.load(open(os.path.join(out, "config.json"))) and saved["model"] == "toy"
     assert torch.load(os.path.join(out, "checkpoint-2", "state.pt"))["step"] == 2
     import xml.etree.ElementTree as ElementTree
-    assert len(ElementTree.parse(os.path.join(out, "curves.svg")).getroot().findall(".//{*}polyline")) == 4
+    panels = ElementTree.parse(os.path.join(out, "curves.svg")).getroot().findall(".//{*}polyline")
+    assert len(panels) == 4 and all(len(p.get("points").split()) == n for p, n in zip(panels, (2, 2, 2, 2)))
     printed = capsys.readouterr().out
     assert "step 0: evaluation accuracy" in printed and "step 2: evaluation accuracy" in printed
-    assert "Done: 2 step(s), 16 prompts" in printed and "curves.svg" in printed
+    assert f"; curves: {out}/curves.svg" in printed
+
+
+def test_the_sudoku_toy_runs_a_step(tmp_path):
+    """--task sudoku --model toy trains and evaluates (a solved grid fits the preset's completion length)."""
+    out = str(tmp_path / "run")
+    agrpo.main(["--task", "sudoku", "--model", "toy", "--toy-warmup-steps", "0", "--max-steps", "1", "--eval-every",
+                "1", "--eval-examples", "4", "--train-examples", "16", "--output-dir", out])
+    args = Args(**json.load(open(os.path.join(out, "config.json"))))
+    assert len(agrpo.toy_model_and_tokenizer(0)[1]("<answer>" + "1234" * 4 + "</answer>")["input_ids"]) < \
+        args.completion_length
+    assert [m["step"] for m in metric_lines(out)] == [0, 1, 1]
 
 
 def test_diffu_grpo_runs_end_to_end_and_its_ratio_moves_only_after_an_update(tmp_path, monkeypatch):
     """--estimator diffu-grpo trains the toy through main(): with one gradient step per batch its ratio is 1 and
-    no token is clipped; with two, the second step's ratio has moved from 1."""
+    no token is clipped; with two, the second step's ratio has moved from 1; with two and learning rate 0 it stays
+    exactly 1, as the old log-probs are taken per iteration, under that iteration's prompt mask."""
     monkeypatch.setattr(reward, "reward_parts", count_1)
-    for iterations, moved in ((1, False), (2, True)):
-        run = str(tmp_path / str(iterations))
+    for iterations, lr, moved in ((1, "1e-2", False), (2, "1e-2", True), (2, "0", False)):
+        run = str(tmp_path / f"{iterations}-{lr}")
         agrpo.main(FAST + ["--estimator", "diffu-grpo", "--num-iterations", str(iterations), "--max-steps", "2",
-                           "--learning-rate", "1e-2", "--output-dir", run])
+                           "--learning-rate", lr, "--p-mask-prompt", "0.5", "--output-dir", run])
         lines = metric_lines(run)
         assert len(lines) == 2 and all(math.isfinite(m["loss"]) and m["grad_norm"] > 0 for m in lines)
         assert (lines[-1]["ratio_max_dev"] > 1e-4) == moved, lines[-1]
-        assert moved or lines[-1]["clip_low"] == lines[-1]["clip_high"] == 0
+        assert moved or lines[-1]["ratio_max_dev"] == lines[-1]["clip_low"] == lines[-1]["clip_high"] == 0
 
 
 def test_toy_weights_do_not_depend_on_the_thread_count(tmp_path, monkeypatch):
@@ -1601,19 +1621,6 @@ def test_a_programming_error_keeps_its_traceback(tmp_path, monkeypatch):
         agrpo.main(FAST + ["--max-steps", "1", "--output-dir", str(tmp_path / "2")])
     with pytest.raises(SystemExit, match="--top-p 2.0: must be in"):
         agrpo.main(FAST + ["--top-p", "2"])
-
-
-def test_a_damaged_metrics_line_is_named_and_skipped(tmp_path, capsys):
-    """A line of metrics.jsonl that is not JSON (damaged by hand or by a tool) is named, file and line, and
-    skipped; the run resumes and its log keeps one line a step."""
-    run = str(tmp_path)
-    agrpo.main(FAST + ["--max-steps", "2", "--output-dir", run])
-    lines = open(os.path.join(run, "metrics.jsonl")).read().splitlines(keepends=True)
-    open(os.path.join(run, "metrics.jsonl"), "w").write(lines[0] + "garbage\n" + lines[1])
-    capsys.readouterr()
-    agrpo.main(["--resume", run, "--max-steps", "3"])
-    assert f"{os.path.join(run, 'metrics.jsonl')}, line 2: not a metrics line; skipped" in capsys.readouterr().out
-    assert [m["step"] for m in metric_lines(run)] == [1, 2, 3]
 
 
 def test_eval_only_writes_its_own_files_and_says_where(tmp_path, capsys):
@@ -1659,6 +1666,17 @@ def test_learning_rate_follows_the_cosine_schedule_of_every_gradient_step(tmp_pa
     assert RecordingAdamW.latest.lrs == pytest.approx(expected, abs=1e-12)
 
 
+def test_an_extended_run_trains_on_the_schedule_of_its_new_length(tmp_path, monkeypatch):
+    """--resume with a larger --max-steps re-sizes the cosine schedule: step 6 trains at the new schedule's rate
+    (1e-3 x cosine over 8 steps, no warm-up, at 5 steps done), computed here, not at the old one's 0."""
+    monkeypatch.setattr(agrpo.torch.optim, "AdamW", RecordingAdamW)
+    agrpo.main(FAST + ["--max-steps", "5", "--warmup-ratio", "0", "--learning-rate", "1e-3", "--output-dir",
+                       str(tmp_path)])
+    agrpo.main(["--resume", str(tmp_path), "--max-steps", "8"])
+    assert RecordingAdamW.latest.lrs == pytest.approx([1e-3 * 0.5 * (1 + math.cos(math.pi * s / 8))
+                                                       for s in range(5, 8)])
+
+
 def test_keep_checkpoints_keeps_exactly_that_many(tmp_path):
     """--keep-checkpoints 2 with a save every step keeps the newest two."""
     agrpo.main(FAST + ["--max-steps", "4", "--save-every", "1", "--keep-checkpoints", "2", "--output-dir",
@@ -1669,162 +1687,96 @@ def test_keep_checkpoints_keeps_exactly_that_many(tmp_path):
 def test_checkpoint_writes_are_atomic(tmp_path, monkeypatch):
     """A save that dies midway (here: the disk fills after state.pt) leaves no checkpoint behind, not even a
     temporary one, and the earlier checkpoint stays; the run ends with one sentence naming the file."""
-    out = str(tmp_path)
+    out, write = str(tmp_path), agrpo.write_atomically
     agrpo.main(FAST + ["--max-steps", "1", "--output-dir", out])
 
-    def disk_full(*a, **k):
-        raise OSError(28, "No space left on device", "args.json")
-    monkeypatch.setattr(agrpo.json, "dump", disk_full)  # dies after state.pt, before args.json
-    with pytest.raises(SystemExit, match="cannot write args.json: no space left on device; nothing saved"):
+    def disk_full(path, text):
+        if path.endswith("args.json"):
+            raise OSError(28, "No space left on device", "args.json")
+        write(path, text)
+    monkeypatch.setattr(agrpo, "write_atomically", disk_full)  # dies after state.pt, before args.json
+    with pytest.raises(SystemExit, match="^agrpo: args.json: no space left on device$"):
         agrpo.main(["--resume", out, "--max-steps", "2"])
     assert agrpo.checkpoints(out) == [os.path.join(out, "checkpoint-1")] and trained(agrpo.checkpoints(out)[0])
     assert not [name for name in os.listdir(out) if "tmp" in name]
 
 
-def test_mismatched_checkpoint_is_refused_and_a_corrupt_newest_one_is_passed_over(tmp_path, capsys):
-    """Resuming with another model structure is refused before loading. A damaged newest checkpoint is passed
-    over with one line: the run goes on from the one before (named explicitly or not), the damaged one is set
-    aside, not deleted, and the run's log keeps one line a step."""
+def test_resuming_what_cannot_be_resumed_ends_with_one_sentence(tmp_path):
+    """Resuming with another model structure is refused before training; an older checkpoint than the run's newest
+    is refused (going on would overwrite the newer ones); a damaged checkpoint is named, with the way out."""
     out = str(tmp_path)
     agrpo.main(FAST + ["--max-steps", "2", "--save-every", "1", "--output-dir", out])
-    with pytest.raises(SystemExit, match="--lora-rank 4: .* was trained with 0, and a model's structure cannot"):
-        agrpo.main(["--resume", "latest", "--output-dir", out, "--lora-rank", "4"])
+    with pytest.raises(SystemExit, match="checkpoint-2 holds other trainable weights than this model"):
+        agrpo.main(["--resume", out, "--lora-rank", "4"])
+    with pytest.raises(SystemExit, match="checkpoint-1 is not the newest checkpoint of .*: going on from it would"):
+        agrpo.main(["--resume", os.path.join(out, "checkpoint-1"), "--max-steps", "3"])
     with open(os.path.join(out, "checkpoint-2", "state.pt"), "r+b") as f:
         f.truncate(100)
-    with pytest.raises(SystemExit, match=r"checkpoint-2 cannot be read \(damaged or cut short\); resume from an "
-                                         "earlier checkpoint of its run, or from the run directory"):
-        agrpo.main(["--resume", os.path.join(out, "checkpoint-2")])
-    capsys.readouterr()
-    agrpo.main(["--resume", os.path.join(out, "checkpoint-1"), "--max-steps", "3"])
-    assert "checkpoint-1" in capsys.readouterr().out
-    assert sorted(os.listdir(out)) == [".lock", "checkpoint-1", "checkpoint-2", "checkpoint-2.unreadable",
-                                       "checkpoint-3", "config.json", "curves.svg", "metrics.jsonl"]
-    assert [m["step"] for m in metric_lines(out)] == [1, 2, 3]
-    with open(os.path.join(out, "checkpoint-3", "state.pt"), "r+b") as f:
-        f.truncate(100)
-    agrpo.main(["--resume", out, "--max-steps", "4"])
-    assert "checkpoint-3 cannot be read (damaged or cut short); going on from " in capsys.readouterr().out
-    assert agrpo.checkpoints(out)[-1].endswith("checkpoint-4")
-    assert [m["step"] for m in metric_lines(out)] == [1, 2, 3, 4]
-    with open(os.path.join(out, "checkpoint-4", "args.json"), "w") as f:
-        f.write('{"task": "count')  # its settings cut short
-    agrpo.main(["--resume", out, "--max-steps", "5"])
-    assert "checkpoint-4 cannot be read (damaged or cut short); going on from " in capsys.readouterr().out
-    assert agrpo.checkpoints(out)[-1].endswith("checkpoint-5")
+    with pytest.raises(SystemExit, match="checkpoint .*checkpoint-2 cannot be read .*: damaged or cut short.; move it "
+                                         "aside and resume again"):
+        agrpo.main(["--resume", out, "--max-steps", "3"])
+    os.rename(os.path.join(out, "checkpoint-2"), str(tmp_path / "aside"))
+    agrpo.main(["--resume", out, "--max-steps", "3"])
+    assert [m["step"] for m in metric_lines(out)] == [1, 2, 3]  # step 2 again, from checkpoint-1
 
 
-def test_lora_merges_and_exports(tmp_path):
-    """A LoRA layer adds (alpha / r) B A x; the adapters switch off for the reference; the merged export reloads
-    with the same outputs."""
-    model, tokenizer = agrpo.toy_model_and_tokenizer(0)
-    ids, mask = toy_prompts(tokenizer)
-    base = model(input_ids=ids).logits
-    with pytest.raises(agrpo.UsageError, match="shares its weight with the input embeddings"):
-        agrpo.add_lora(model, Args(lora_rank=4, lora_targets="decoder"))
-    agrpo.add_lora(model, Args(lora_rank=4, lora_alpha=8, lora_targets="query,value,dense"))
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
-        {n for n, _ in model.named_parameters() if "lora_" in n}
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "lora_B" in n:
-                p.normal_()
-    adapted = model(input_ids=ids).logits
-    with agrpo.adapters_off(model):
-        assert torch.allclose(model(input_ids=ids).logits, base, atol=1e-5)
-    assert not torch.allclose(adapted, base, atol=1e-2)
-    agrpo.export(model, tokenizer, str(tmp_path / "merged"), "the toy")
-    reloaded = BertForMaskedLM.from_pretrained(str(tmp_path / "merged"))
-    assert torch.allclose(reloaded(input_ids=ids).logits, adapted, atol=1e-4)
+def test_the_readme_export_gives_a_model_this_program_loads(tmp_path, monkeypatch):
+    """A LoRA layer adds (alpha / r) B A x; its adapters switch off for the reference and back on after it. The
+    README's export of a trained toy run with adapters, run here line for line, writes a model with the adapted
+    outputs, which --model evaluates; a directory without a model, or none at all, is named as such."""
     layer = agrpo.LoRALinear(torch.nn.Linear(3, 2), rank=2, alpha=6, dropout=0.0)  # y = W x + b + (6 / 2) B A x
     torch.nn.init.normal_(layer.lora_B)
     x = torch.randn(5, 3)
-    assert torch.allclose(layer(x), layer.base(x) + 3 * x @ layer.lora_A.T @ layer.lora_B.T, atol=1e-6)
-
-
-def test_exported_model_is_a_model_this_program_loads(tmp_path):
-    """--export writes a new directory (refusing a file), and --model on that directory evaluates."""
-    run, merged = str(tmp_path / "run"), str(tmp_path / "merged")
-    agrpo.main(FAST + ["--max-steps", "1", "--output-dir", run])
-    (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match="--export .* is a file; give a directory"):
-        agrpo.main(["--resume", run, "--export", str(tmp_path / "file")])
-    agrpo.main(["--resume", run, "--export", merged])
-    metrics = agrpo.main(["--model", merged, "--device", "cpu", "--dtype", "float32", "--mask-token-id", "2",
-                          "--lora-rank", "0", "--data", "synthetic", "--eval-only", "--eval-examples", "2",
-                          "--eval-completion-length", "8", "--eval-block-length", "8", "--eval-sampling-steps", "4",
-                          "--output-dir", str(tmp_path / "eval")])
-    assert 0 <= metrics["eval_T4_accuracy"] <= 1
+    adapted = layer(x)
+    assert torch.allclose(adapted, layer.base(x) + 3 * x @ layer.lora_A.T @ layer.lora_B.T, atol=1e-6)
+    with agrpo.adapters_off(layer):
+        assert torch.equal(layer(x), layer.base(x))
+    assert torch.equal(layer(x), adapted)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(reward, "reward_parts", count_1)  # a reward the random toy earns: advantages that move B
+    agrpo.main(FAST + ["--lora-rank", "4", "--learning-rate", "0.05", "--warmup-ratio", "0", "--max-steps", "1",
+                       "--output-dir", "runs/countdown-20261128-093000"])
+    args = agrpo.parse_args(["--resume", "runs/countdown-20261128-093000", "--eval-only"])
+    model, tokenizer, _, _ = agrpo.setup(args)
+    agrpo.load_checkpoint(args.resume, model, args)
+    ids = toy_prompts(tokenizer)[0]
+    with torch.no_grad():
+        adapted = model(input_ids=ids).logits
+        with agrpo.adapters_off(model):
+            assert not torch.allclose(model(input_ids=ids).logits, adapted, atol=1e-3), "the step must move B"
+    for name, module in list(model.named_modules()):  # W + (alpha / r) B A, in W's place
+        if isinstance(module, agrpo.LoRALinear):
+            module.base.weight.data += (module.lora_B @ module.lora_A).to(module.base.weight.dtype) * module.scale
+            agrpo.swap_module(model, name, module.base)
+    model.save_pretrained("merged"), tokenizer.save_pretrained("merged")
+    assert torch.allclose(BertForMaskedLM.from_pretrained("merged")(input_ids=ids).logits, adapted, atol=1e-4)
+    evaluate = ["--device", "cpu", "--dtype", "float32", "--mask-token-id", "2", "--lora-rank", "0", "--data",
+                "synthetic", "--eval-only", "--eval-examples", "2", "--eval-completion-length", "8",
+                "--eval-block-length", "8", "--eval-sampling-steps", "4", "--output-dir", "eval"]
+    assert 0 <= agrpo.main(["--model", "merged"] + evaluate)["eval_T4_accuracy"] <= 1
+    os.mkdir("empty")
+    for path in ("./empty", "./nowhere"):
+        with pytest.raises(SystemExit, match=f"--model {path}: no model directory there"):
+            agrpo.main(["--model", path] + evaluate)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # 6. The command line, as a user meets it
-def test_typed_flags_win_over_the_toy_preset_and_the_config_file(tmp_path):
+def test_typed_flags_win_over_the_toy_preset_and_its_task_values():
     """--model toy only changes defaults: a typed flag keeps its value even when it equals the LLaDA default;
-    a config file (dash or underscore keys) sits between the preset and the typed flags."""
+    the preset's task values sit over its general ones."""
     typed = ["--temperature", "0.6", "--top-k", "150", "--lora-rank", "64", "--micro-batch-size", "8"]
     args = agrpo.parse_args(["--model", "toy"] + typed)
     assert (args.temperature, args.top_k, args.lora_rank, args.micro_batch_size) == (0.6, 150, 64, 8)
     assert (args.device, args.completion_length, args.top_p) == ("cpu", 24, 1.0)  # the preset, untyped
-    config = tmp_path / "my.yaml"
-    config.write_text("model: toy\nlearning-rate: 1.0e-3\ntop_k: 7\nlow_discrepancy: false\n")
-    args = agrpo.parse_args([str(config), "--top-k", "9"])
-    assert (args.learning_rate, args.top_k, args.low_discrepancy, args.device) == (1e-3, 9, False, "cpu")
-    config.write_text("lerning_rate: 1\n")
-    with pytest.raises(agrpo.UsageError, match="my.yaml: lerning_rate is not a setting .did you mean learning_rate"):
-        agrpo.parse_args([str(config)])
-    config.write_text("top_k: many\n")
-    with pytest.raises(agrpo.UsageError, match="my.yaml: argument --top-k: invalid int value: 'many'"):
-        agrpo.parse_args([str(config)])
+    sudoku = agrpo.parse_args(["--model", "toy", "--task", "sudoku"])
+    assert all(getattr(sudoku, k) == v for k, v in agrpo.TOY_TASKS["sudoku"].items())
+    assert agrpo.parse_args(["--model", "toy", "--num-train-epochs", "1"]).max_steps is None  # epochs set the length
 
 
-@pytest.mark.parametrize("name,text,argv,message", [
-    ("bad.yaml", "model: toy\n  top_k: [7\n", [], r"bad.yaml is not valid YAML \(line 2: .*\); fix it"),
-    ("bad.json", '{"model": "toy",}', [], r"bad.json is not valid JSON \(line 1: .*\); fix it"),
-    ("s.json", '{"model": "toy", "low_discrepancy": "false"}', [], "low_discrepancy: 'false' is not true or false; "
-                                                                   "write it unquoted"),
-    ("s.yaml", 'model: toy\neval_only: "yes"\n', [], "eval_only: 'yes' is not true or false; write it unquoted"),
-    ("s.yaml", "model: toy\nsome_key:\n", [], "some_key is not a setting; see --help"),
-    ("s.json", '{"model": "toy", "top_k": null}', [], "top_k has no value; give one, or delete the line"),
-    (None, "", ["--model", "toy", "--low-discrepancy", "false"], "false: no such config file; --low-discrepancy takes "
-                                                                  "no value: write --low-discrepancy or --no-low"),
-    (None, "", ["missing.yaml", "--model", "toy"], "missing.yaml: no such config file$"),
-    (None, "", [".", "--model", "toy"], r"\.: a directory, not a config file"),
-])
-def test_config_file_mistakes_end_with_one_sentence(tmp_path, monkeypatch, name, text, argv, message):
-    """A malformed config file, a value of the wrong kind, a key with no value or that is no setting, a missing
-    file or a directory given as one, a boolean flag given a value: each one sentence naming the fix."""
-    monkeypatch.chdir(tmp_path)
-    if name:
-        (tmp_path / name).write_text(text)
-        argv = [name]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(agrpo, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the settings were taken"))
-        with pytest.raises(SystemExit, match=message):
-            agrpo.main(argv)
-    config = tmp_path / "ok.json"
-    config.write_text('{"model": "toy", "max_steps": null}')  # null is a value where a setting may be unset
-    assert agrpo.parse_args([str(config)]).max_steps is None
-
-
-def test_flags_that_would_do_nothing_are_refused_or_take_effect(tmp_path, monkeypatch, capsys):
-    """--num-train-epochs sets the length over the toy preset's max_steps (which --help shows); a resumed run
-    stays in its directory, so --output-dir elsewhere is refused; --eval-only with --export is refused."""
-    args = agrpo.parse_args(["--model", "toy", "--num-train-epochs", "1"])
-    assert args.max_steps is None and args.num_train_epochs == 1
-    with pytest.raises(SystemExit):
-        agrpo.main(["--help"])
-    shown = " ".join(capsys.readouterr().out.split())
-    assert re.search(rf"--max-steps N\s+Training steps;.*\(toy:\s+{agrpo.TOY['max_steps']}\)", shown)
-    run = str(tmp_path / "run")
-    agrpo.main(FAST + ["--max-steps", "1", "--output-dir", run])
-    with pytest.raises(SystemExit, match="--output-dir .*elsewhere: a resumed run stays in its own directory, "):
-        agrpo.main(["--resume", run, "--output-dir", str(tmp_path / "elsewhere")])
-    with pytest.raises(SystemExit, match="--eval-only and --export are two commands"):
-        agrpo.main(["--resume", run, "--eval-only", "--export", str(tmp_path / "merged")])
-
-
-def test_help_shows_each_flag_once_grouped(capsys):
-    """--help lists every field of Args once, dash style, under the file's groups; booleans as --x/--no-x."""
+def test_help_shows_each_flag_once_grouped_with_its_default_and_toy_values(capsys):
+    """--help lists every field of Args once, dash style, under the file's groups, with its default and its toy
+    values; booleans as --x/--no-x."""
     with pytest.raises(SystemExit) as exit:
         agrpo.main(["--help"])
     text = capsys.readouterr().out
@@ -1835,146 +1787,88 @@ def test_help_shows_each_flag_once_grouped(capsys):
     assert "--low-discrepancy, --no-low-discrepancy" in text
     groups = ["task and model", "LoRA", "optimisation", "rollouts", "the estimator", "evaluation", "runs and"]
     assert all(g in text for g in groups) and sorted(groups, key=text.index) == groups
+    shown = " ".join(text.split())
+    assert re.search(rf"--max-steps N\s+Training steps;.*\(toy: {agrpo.TOY['max_steps']}, sudoku "
+                     rf"{agrpo.TOY_TASKS['sudoku']['max_steps']}\)", shown)
+    assert re.search(r"--learning-rate X AdamW peak learning rate. \(default: 5e-06; toy: 0.0006", shown)
 
 
-def test_resume_restores_the_run_settings(tmp_path, monkeypatch, capsys):
-    """--resume restores every setting the run was saved with; a flag typed with it wins, and says so."""
+def test_resume_restores_the_run_settings_and_says_which_checkpoint(tmp_path, monkeypatch, capsys):
+    """--resume latest continues the run written last, with every setting it was saved with; a flag typed with it
+    wins; one line names the checkpoint it continues."""
     monkeypatch.chdir(tmp_path)
+    agrpo.main(FAST + ["--max-steps", "1", "--temperature", "0.7", "--mc-samples", "3", "--output-dir", "runs/old"])
     agrpo.main(FAST + ["--max-steps", "1", "--temperature", "0.7", "--mc-samples", "3"])
-    (run,) = [os.path.join("runs", d) for d in os.listdir("runs")]
+    (run,) = [os.path.join("runs", d) for d in os.listdir("runs") if d != "old"]
+    os.utime(os.path.join("runs", "old", "config.json"), (time.time() + 100,) * 2)  # old's files, the newest
     capsys.readouterr()
     args = agrpo.parse_args(["--resume", "latest", "--mc-samples", "4"])
-    assert (args.temperature, args.mc_samples, args.completion_length, args.output_dir) == (0.7, 4, 16, run)
-    assert args.resume == os.path.join(run, "checkpoint-1")
-    assert "resume: --mc-samples 3 -> 4" in capsys.readouterr().out
+    assert (args.temperature, args.mc_samples, args.completion_length, args.output_dir) == (0.7, 4, 16, "runs/old")
+    assert args.resume == os.path.join("runs", "old", "checkpoint-1")
+    assert capsys.readouterr().out == f"resume: {os.path.join('runs', 'old', 'checkpoint-1')}\n"
+    assert agrpo.parse_args(["--resume", run]).output_dir == run
 
 
-def test_an_extended_run_says_how_its_schedule_changes(tmp_path, monkeypatch, capsys):
-    """--resume with a larger --max-steps re-sizes the cosine schedule and says so in one line, with the rate
-    step 6 trains at, which is the new schedule's (1e-3 x cosine over 8 steps, no warm-up, at 5 steps done)."""
-    monkeypatch.setattr(agrpo.torch.optim, "AdamW", RecordingAdamW)
-    agrpo.main(FAST + ["--max-steps", "5", "--warmup-ratio", "0", "--learning-rate", "1e-3", "--output-dir",
-                       str(tmp_path)])
-    capsys.readouterr()
-    agrpo.main(["--resume", str(tmp_path), "--max-steps", "8"])
-    rate = 1e-3 * 0.5 * (1 + math.cos(math.pi * 5 / 8))
-    assert f"resume: the cosine schedule is re-sized from 5 to 8 steps; step 6 trains at learning rate {rate:.3g}" \
-        in capsys.readouterr().out
-    assert RecordingAdamW.latest.lrs[0] == pytest.approx(rate)
-
-
-def test_latest_export_says_what_it_exports_and_skips_the_warm_up(tmp_path, monkeypatch, capsys):
-    """--resume latest --task T picks the newest run of that task; --export says which checkpoint it merged, and
-    a toy checkpoint without adapters (it holds every weight) is exported without repeating the warm-up."""
-    monkeypatch.chdir(tmp_path)
-    agrpo.main(FAST + ["--max-steps", "1", "--toy-warmup-steps", "1"])
-    agrpo.main(["--task", "sudoku"] + FAST[2:] + ["--max-steps", "1"])  # the newest run is another task's
+def test_a_toy_checkpoint_without_adapters_is_evaluated_without_the_warm_up(tmp_path, monkeypatch):
+    """A toy checkpoint without adapters holds every weight: evaluating it does not repeat the warm-up."""
+    agrpo.main(FAST + ["--max-steps", "1", "--toy-warmup-steps", "1", "--output-dir", str(tmp_path)])
     monkeypatch.setattr(agrpo, "warm_up_toy", lambda *a, **k: pytest.fail("the warm-up ran"))
-    capsys.readouterr()
-    agrpo.main(["--resume", "latest", "--task", "countdown", "--export", "merged"])
-    (run,) = glob.glob(os.path.join("runs", "countdown-*"))
-    printed = capsys.readouterr().out
-    assert f"exported {os.path.join(run, 'checkpoint-1')} (step 1), adapters merged, to merged" in printed
+    agrpo.main(["--resume", str(tmp_path), "--eval-only", "--eval-examples", "2"])
 
 
-def test_a_sampled_evaluation_uses_its_own_truncation(toy, tmp_path, monkeypatch):
-    """Evaluation samples with --eval-top-k and --eval-top-p, not the training ones."""
+def test_evaluation_uses_its_own_settings_not_the_training_ones(toy, tmp_path, monkeypatch):
+    """Evaluation decodes with --eval-completion-length, --eval-block-length, each T of --eval-sampling-steps,
+    --eval-unmasking, --eval-temperature, --eval-top-k and --eval-top-p, each set apart from its training twin."""
     model, tokenizer = toy
     seen = []
-    monkeypatch.setattr(agrpo, "generate", lambda m, ids, mask, a, g: seen.append((a.top_k, a.top_p)) or
+    monkeypatch.setattr(agrpo, "generate", lambda m, ids, mask, a, g: seen.append(a) or
                         agrpo.Rollout(ids, None, torch.zeros(len(ids), 8, dtype=torch.long), *[None] * 6))
-    args = toy_run_args(tokenizer, top_k=3, top_p=0.5, eval_temperature=1.0, eval_top_k=0, eval_top_p=0.95,
-                        eval_sampling_steps="4", output_dir=str(tmp_path))
+    args = toy_run_args(tokenizer, completion_length=16, block_length=8, sampling_steps=8, unmasking="random",
+                        temperature=0.7, top_k=3, top_p=0.5, eval_completion_length=12, eval_block_length=4,
+                        eval_sampling_steps="6,3", eval_unmasking="low_confidence", eval_temperature=1.3,
+                        eval_top_k=5, eval_top_p=0.95, output_dir=str(tmp_path))
     monkeypatch.setattr(agrpo, "grade", lambda tok, c, ex, a: [{"answer": None, "score": 0, "text": ""}] * len(ex))
     agrpo.evaluate(model, tokenizer, [{"question": "12+7=", "nums": [12, 7], "target": 19}], args, 0)
-    assert seen == [(0, 0.95)]
+    assert [(a.completion_length, a.block_length, a.sampling_steps, a.unmasking, a.temperature, a.top_k, a.top_p)
+            for a in seen] == [(12, 4, T, "low_confidence", 1.3, 5, 0.95) for T in (6, 3)]
 
 
-def test_latest_never_continues_another_run(tmp_path, monkeypatch):
-    """Two runs started in one second get two directories. When the newest run has no checkpoint, --resume
-    latest names it instead of continuing an older run, and --resume RUN restarts it from step 0."""
+def test_the_newest_run_without_a_checkpoint_is_not_passed_over(tmp_path, monkeypatch):
+    """When the newest run has no checkpoint (it died before its first), --resume latest says so instead of
+    continuing an older run; a new run cannot take a directory that holds a run."""
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(agrpo.time, "strftime", lambda fmt: "same-second")
-    agrpo.main(FAST + ["--max-steps", "1"])
-    crashed = agrpo.new_run_dir("countdown")  # a second run, in the same second
-    assert crashed == os.path.join("runs", "countdown-same-second-2")
-    args = agrpo.parse_args(FAST + ["--max-steps", "1", "--output-dir", crashed])
-    agrpo.open_run(args)  # a run that died before its first checkpoint (and so let go of its lock)
-    agrpo.RUN_LOCKS.pop().close()
-    with open(os.path.join(crashed, "metrics.jsonl"), "w") as f:
-        f.write('{"step": 0, "eval_T8_accuracy": 0.0}\n{"step": 1, "reward": 0.0}\n')  # none of it is kept
-    with pytest.raises(agrpo.UsageError, match=f"the newest run, {crashed}, has no checkpoint yet: restart it with "
-                                         f"--resume {crashed}"):
+    agrpo.main(FAST + ["--max-steps", "1", "--output-dir", "runs/old"])
+    os.makedirs("runs/crashed")
+    with open("runs/crashed/config.json", "w") as f:
+        f.write("{}")
+    os.utime("runs/crashed/config.json", (time.time() + 100,) * 2)  # written after all of runs/old
+    with pytest.raises(agrpo.UsageError, match="--resume runs/crashed: no checkpoint there"):
         agrpo.parse_args(["--resume", "latest"])
-    agrpo.main(["--resume", crashed])
-    assert [m["step"] for m in metric_lines(crashed)] == [1] and agrpo.checkpoints(crashed)
-    assert agrpo.checkpoints(os.path.join("runs", "countdown-same-second"))  # the older run is untouched
+    with pytest.raises(SystemExit, match="runs/crashed already holds a run: continue it with --resume"):
+        agrpo.main(FAST + ["--output-dir", "runs/crashed"])
 
 
-def test_a_directory_two_runs_claim_at_once_goes_to_one(tmp_path):
-    """Two runs given one new --output-dir at the same moment: the one that locks it second stops with one
-    sentence and holds nothing."""
-    out = tmp_path / "run"
-    out.mkdir()
-    other = agrpo.lock(str(out))  # the other run has locked the directory, not yet written its settings
-    try:
-        with pytest.raises(SystemExit, match="was taken by another run started at the same moment; start again"):
-            agrpo.main(FAST + ["--output-dir", str(out)])
-        assert not agrpo.RUN_LOCKS and os.listdir(out) == [".lock"]
-    finally:
-        other.close()
+def run_agrpo(argv, cwd, code=None, **kw):
+    """agrpo.py in a fresh interpreter, as a user starts it (or `code` run before main, to stage a case)."""
+    command = [sys.executable, AGRPO, *argv] if code is None else \
+        [sys.executable, "-c", f"import sys, agrpo; {code}; agrpo.main(sys.argv[1:])", *argv]
+    return subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.path.dirname(AGRPO)), **kw)
 
 
-def test_runs_where_no_lock_can_be_taken_still_train_and_resume(tmp_path, monkeypatch):
-    """A run whose lock file cannot be opened (a read-only copy, say) is not one in progress: latest takes it;
-    looking for the newest run leaves the others as they are (no lock file made). On a file system without
-    locks (flock fails, as on some network ones) a run trains and resumes unguarded."""
-    monkeypatch.chdir(tmp_path)
-    for run in ("runs/old", "runs/copy"):
-        os.makedirs(run)
-        with open(f"{run}/config.json", "w") as f:
-            json.dump({"task": "countdown"}, f)
-    os.utime("runs/old/config.json", (time.time() - 1000,) * 2)  # a run without a lock file, written long ago
-    os.makedirs("runs/copy/.lock")  # open(".lock") fails
-    with pytest.raises(agrpo.UsageError, match="the newest run, runs/copy, has no checkpoint yet"):
-        agrpo.find_resume("latest", None)
-    assert not os.path.exists("runs/old/.lock")
-    import fcntl
-
-    def no_locks(*_):
-        raise OSError(errno.ENOLCK, "No locks available")
-
-    monkeypatch.setattr(fcntl, "flock", no_locks)
-    agrpo.main(FAST + ["--max-steps", "1", "--output-dir", "runs/unlocked"])
-    agrpo.main(["--resume", "latest", "--max-steps", "2"])
-    assert [m["step"] for m in metric_lines("runs/unlocked")] == [1, 2]
-
-
-def run_agrpo(argv, cwd, **kw):
-    """agrpo.py in a fresh interpreter, as a user starts it."""
-    return subprocess.Popen([sys.executable, AGRPO, *argv], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), **kw)  # 2 runs, 2 cores
-
-
-def test_two_runs_at_once_then_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp_path, monkeypatch):
-    """Two runs started together get their own directories. A real Ctrl-C (SIGINT) and a SIGTERM stop them at
-    the next safe point: each writes a checkpoint of its last whole step, prints one line with the command to
-    resume, and exits 128 + the signal without a traceback; the resume command continues from that step."""
-    runs = [run_agrpo(FAST + ["--max-steps", "1000", "--save-every", "0"], tmp_path) for _ in range(2)]
+def test_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp_path, monkeypatch):
+    """A real Ctrl-C (SIGINT) and a SIGTERM stop two runs at the next safe point: each writes a checkpoint of its
+    last whole step, prints one line with the command to resume, and exits 128 + the signal without a traceback;
+    the resume command continues from that step."""
+    runs = [run_agrpo(FAST + ["--max-steps", "1000", "--save-every", "0", "--output-dir", f"runs/{n}"], tmp_path)
+            for n in ("a", "b")]
     deadline = time.time() + 60
     while len(glob.glob(str(tmp_path / "runs" / "*" / "metrics.jsonl"))) < 2 and time.time() < deadline:
         time.sleep(0.2)
-    monkeypatch.chdir(tmp_path)  # as the user: in the directory the runs started from
-    with pytest.raises(agrpo.UsageError, match="no run under runs/ to resume that no other process is writing"):
-        agrpo.find_resume("latest", None)  # --resume latest passes over both
-    with pytest.raises(SystemExit, match="is being written by another process; wait for it to end"):
-        agrpo.main(["--resume", os.path.dirname(glob.glob("runs/*/metrics.jsonl")[0])])
     runs[0].send_signal(signal.SIGINT)
     runs[1].send_signal(signal.SIGTERM)
     outputs = [p.communicate(timeout=60) for p in runs]
     assert [p.returncode for p in runs] == [130, 143], outputs
-    directories = sorted(os.listdir(tmp_path / "runs"))
-    assert len(directories) == 2
     for out, err in outputs:
         assert "Traceback" not in err
         (line,) = [line for line in out.splitlines() if "resume with:" in line]
@@ -1983,6 +1877,7 @@ def test_two_runs_at_once_then_ctrl_c_and_sigterm_save_and_say_how_to_resume(tmp
         (checkpoint,) = agrpo.checkpoints(str(tmp_path / run))
         step = int(checkpoint.rsplit("-", 1)[1])
         assert step >= 1 and [m["step"] for m in metric_lines(tmp_path / run)] == list(range(1, step + 1))
+    monkeypatch.chdir(tmp_path)  # as the user: in the directory the runs started from
     agrpo.main(line.split("resume with: python agrpo.py ")[1].split() + ["--max-steps", str(step + 1)])
     assert [m["step"] for m in metric_lines(tmp_path / run)] == list(range(1, step + 2))
 
@@ -2007,22 +1902,23 @@ def test_a_stop_just_after_a_save_keeps_that_checkpoint(tmp_path, monkeypatch, c
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path):
     """Ctrl-C twice: the first asks the run to stop after the step in progress, the second ends the process at
-    once (killed by SIGINT, not the exit code 130 of a finished stop), leaving no partial checkpoint behind."""
-    slow = FAST + ["--max-steps", "1000", "--prompts-per-step", "32", "--save-every", "0"]  # steps of seconds
-    process = run_agrpo(slow, tmp_path, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.time() + 60
-    while not glob.glob(str(tmp_path / "runs" / "*" / "config.json")) and time.time() < deadline:
-        time.sleep(0.1)
-    time.sleep(1.0)  # inside the first step
-    process.send_signal(signal.SIGINT)
-    time.sleep(0.3)
-    process.send_signal(signal.SIGINT)
-    out, err = process.communicate(timeout=30)
+    once (killed by SIGINT, not the exit code 130 of a finished stop), leaving no partial checkpoint behind. The
+    step here never ends by itself (it waits a minute), so only the second Ctrl-C can end the run in time."""
+    stall = "import time; agrpo.rl_step = lambda *a, **k: print('in the step', flush=True) or time.sleep(60)"
+    process = run_agrpo(FAST + ["--max-steps", "2", "--output-dir", "run"], tmp_path, code=stall,
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert "in the step\n" in iter(process.stdout.readline, ""), process.stderr.read()[-2000:]
+        process.send_signal(signal.SIGINT)
+        time.sleep(0.5)
+        assert process.poll() is None, "the first Ctrl-C waits for the step"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=20)
+    finally:
+        process.kill()
     assert process.returncode == -signal.SIGINT, (process.returncode, out, err[-2000:])
     assert "stopping after the step in progress" in out
-    assert not glob.glob(str(tmp_path / "runs" / "*" / "*tmp*"))
-    (run,) = glob.glob(str(tmp_path / "runs" / "*"))
-    assert not agrpo.being_written(run)  # a killed process holds no lock: its run can be resumed
+    assert not glob.glob(str(tmp_path / "run" / "*checkpoint*"))
 
 
 def test_torchrun_works_with_the_toy_defaults(tmp_path):
@@ -2091,14 +1987,15 @@ def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("argv,message", [
     (["--completion-length", "10", "--block-length", "4"], "--block-length 4 does not fit --completion-length 10: "
-                                                         ".* 1, 2, 5, 10"),
+                                                         "the blocks must tile the completion"),
     (["--model", "toy", "--eval-sampling-steps", "5"], "--eval-sampling-steps 5 does not fit "
-                                                        ".*T: 3, 6, 12, 24"),
-    (["--model", "toy", "--sampling-steps", "9"], "--sampling-steps 9 does not fit .*T: 3, 6, 12, 24"),  # 8 tokens / 3
+                                                        "--eval-completion-length 24 and --eval-block-length 8: T "
+                                                        "must divide C .* a multiple of the C/BL = 3 blocks"),
+    (["--model", "toy", "--sampling-steps", "9"], "--sampling-steps 9 does not fit .*a multiple of the C/BL = 3"),
+    (["--model", "toy", "--sampling-steps", "4"], "--sampling-steps 4 does not fit .*a multiple of the C/BL = 3"),
     (["--device", "cuda:0", "--model", "x", "--data", "synthetic"], "CUDA is not available"),
     (["--task", "gsm8k", "--model", "toy"], "no synthetic data"),
-    (["--model", "toy", "--lerning-rate", "1"], "unrecognized arguments: --lerning-rate .did you mean "
-                                                "--learning-rate"),
+    (["--model", "toy", "--lerning-rate", "1"], "unrecognized arguments: --lerning-rate 1; see --help"),
     (["--model", "toy", "--temperature", "0"], "--temperature 0.0: must be more than 0"),
     (["--model", "toy", "--prompts-per-step", "0"], "--prompts-per-step 0: must be at least 1"),
     (["--model", "toy", "--eval-batch-size", "0"], "--eval-batch-size 0: must be at least 1"),
@@ -2108,45 +2005,52 @@ def test_two_processes_give_the_update_of_one(tmp_path, monkeypatch):
     (["--model", "toy", "--epsilon", "-1"], "--epsilon -1.0: must be more than 0"),
     (["--model", "toy", "--keep-checkpoints", "0"], "--keep-checkpoints 0: must be at least 1"),
     (["--model", "toy", "--lora-rank", "-1"], "--lora-rank -1: must be 0 or more"),
-    (["--model", "toy", "--micro-batch-size", "3"], "need --prompts-per-step divisible by 1 .* e.g. "
-                                                    "--prompts-per-step 8 --micro-batch-size 8"),
+    (["--model", "toy", "--micro-batch-size", "3"], "1 process.es. need whole prompt groups, in micro-batches "
+                                                    "that split them: .*--micro-batch-size dividing 8 x --group-size"),
     (["--model", "toy", "--task", "chess"], "argument --task: invalid choice: 'chess'"),
-    (["--resume", "nowhere"], "--resume nowhere: nowhere holds no run"),
+    (["--resume", "nowhere"], "--resume nowhere: no checkpoint there"),
     (["--model", "toy", "--update-schedule", "released", "--prompts-per-step", "4"], "--update-schedule released needs "
                                                                                   "an even number of micro-batches"),
+    (["--model", "toy", "--unmasking", "low_confidence"], "--unmasking low_confidence cannot train with --estimator "
+                                                          "agrpo: the positions a step reveals would depend on the "
+                                                          "parameters, so AGRPO's gradient would be biased"),
 ])
 def test_bad_input_ends_with_one_clear_message(argv, message, monkeypatch):
-    """Each malformed setting ends with one sentence naming the fix (SystemExit), before anything runs."""
+    """Each malformed setting ends with one sentence naming the fix (SystemExit), before any model is built."""
     if "cuda" in " ".join(argv) and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
-    monkeypatch.setattr(agrpo, "load_model_and_tokenizer", lambda *a, **k: pytest.fail("the settings were taken"))
+    for builder in ("toy_model_and_tokenizer", "from_pretrained"):
+        monkeypatch.setattr(agrpo, builder, lambda *a, **k: pytest.fail("the settings were taken"))
     with pytest.raises(SystemExit, match=message):
         agrpo.main(argv)
 
 
+def test_diffu_grpo_may_unmask_by_confidence():
+    """The guard is AGRPO's: diffu-GRPO, which d1 trains with low-confidence unmasking, keeps it."""
+    args = agrpo.parse_args(["--model", "toy", "--estimator", "diffu-grpo", "--unmasking", "low_confidence"])
+    assert args.unmasking == "low_confidence"
+
+
 def test_filesystem_failures_end_with_one_sentence(tmp_path, monkeypatch):
-    """An --output-dir that is a file, or that cannot be created, and a model directory without a model, each
-    end with one sentence; so does a model neither on disk nor reachable (fast, without the hub's retries)."""
+    """An --output-dir that is a file, or that cannot be created, ends with one sentence naming it; so does a model
+    neither on disk nor reachable (fast, without the hub's retries)."""
     (tmp_path / "file").write_text("x")
-    with pytest.raises(SystemExit, match="--output-dir .*file is a file; give a directory"):
+    with pytest.raises(SystemExit, match=f"^agrpo: {tmp_path / 'file'}: file exists$"):
         agrpo.main(FAST + ["--output-dir", str(tmp_path / "file")])
-    with pytest.raises(SystemExit, match="cannot write .*: not a directory; nothing saved before is lost"):
+    with pytest.raises(SystemExit, match=f"^agrpo: {tmp_path / 'file'}(/run)?: not a directory$"):
         agrpo.main(FAST + ["--output-dir", str(tmp_path / "file" / "run")])
     if os.geteuid() == 0:  # root writes through permission bits: use a read-only file system
         unwritable = "/sys/agrpo-run" if os.path.isdir("/sys") else pytest.skip("no read-only directory here")
     else:
         (tmp_path / "read-only").mkdir(mode=0o555)
         unwritable = str(tmp_path / "read-only" / "run")
-    with pytest.raises(SystemExit, match="cannot write .*agrpo-run|cannot write .*read-only"):
+    with pytest.raises(SystemExit, match="^agrpo: .*(agrpo-run|read-only/run): "):
         agrpo.main(FAST + ["--output-dir", unwritable])
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="the directory holds no config.json"):
-        agrpo.main(["--model", str(tmp_path / "empty"), "--device", "cpu", "--data", "synthetic"])
     hub_constants = pytest.importorskip("huggingface_hub.constants")
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # as if the network were down
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     start = time.perf_counter()
-    with pytest.raises(SystemExit, match="is not on this machine and the Hugging Face Hub cannot be reached"):
+    with pytest.raises(SystemExit, match="is not on this machine and the hub cannot be reached"):
         agrpo.main(["--model", "GSAI-ML/LLaDA-8B-Instruct", "--device", "cpu", "--data", "synthetic"])
     assert time.perf_counter() - start < 10
 
