@@ -1,9 +1,9 @@
 """AGRPO, after "Simple Policy Gradients for Reasoning with Diffusion Language Models" (A. Zhan, arXiv 2510.04019).
 
-The method first, in the paper's order: 1 config, 2 LoRA, the helpers the method calls, 3 the sampler (generation
-as a Markov decision process over denoising steps), 4 rewards and group advantages, 5 the policy gradients (AGRPO's
-Monte Carlo estimator beside diffu-GRPO's biased mean-field one), 6 training, 7 evaluation. Then the plumbing, none
-of it AGRPO. `python agrpo.py --task countdown --model toy --device cpu` runs it all offline on a CPU.
+The method first: 1 config, 2 LoRA, the helpers the method calls, 3 the sampler (generation as a Markov decision
+process over denoising steps), 4 rewards and group advantages, 5 the policy gradients (AGRPO's Monte Carlo estimator
+beside diffu-GRPO's biased mean-field one), 6 evaluation, 7 training (the step and the loop, which call the rest).
+Then the plumbing, none of it AGRPO. `python agrpo.py --task countdown --model toy --device cpu` runs it on a CPU.
 """
 import argparse
 import contextlib
@@ -161,7 +161,7 @@ def adapters_off(model):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# What the method calls, named for what it does: processes, printing, prompts, random streams, attention, logits
+# What the method calls, named for what it does: processes, prompts, random streams, the attention mask, logits
 def world():
     """(rank, number of processes); torchrun starts one process per GPU."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -409,8 +409,8 @@ def agrpo_losses(model, rollout, advantages, args, generator=None):
             kl = k3(ref, logp)
             term = term + args.beta * kl * ratio  # times r: tokens drawn from pi_old, E_old[r grad k3] = grad KL
         # the loss normalisation: the step's mean over prompts of each group's mean over G completions and M steps
-        yield (term * weight[:, m, None]).sum() / (args.mc_samples * args.group_size) / args.prompts_per_step, \
-            (ratio.detach(), adv, None if kl is None else kl.detach())
+        loss = (term * weight[:, m, None]).sum() / (args.mc_samples * args.group_size) / args.prompts_per_step
+        yield loss, (ratio.detach(), adv, None if kl is None else kl.detach())
 
 # diffu-GRPO (d1, Zhao et al. 2025), the baseline the paper argues against, as d1's code computes it.
 def mask_prompt(prompt_ids, args, generator):
@@ -455,7 +455,49 @@ def diffu_grpo_losses(model, rollout, advantages, masked_prompt, old_logp, share
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 6. Training: the step and the loop, on one GPU or many (torchrun)
+# 6. Evaluation (the authors': C=256, BL=32, T=128, low_confidence, greedy)
+@torch.no_grad()
+def evaluate(model, tokenizer, examples, args, step, name="eval"):
+    """Decode the test prompts with the evaluation settings at each T of --eval-sampling-steps and grade them. Each
+    process takes every world_size-th example; rank 0 writes <run>/<name>-step<step>-T<T>.jsonl, a line per example
+    in the test set's order with the reference and the answer the grader read, so that a score can be audited."""
+    rank, world_size = world()
+    model.eval()
+    mine, metrics = examples[rank::world_size], {}
+    prompt_lengths = tokenize_prompts(tokenizer, mine, args)[1].sum(1).tolist()  # batches of prompts of one length,
+    order = sorted(range(len(mine)), key=lambda j: prompt_lengths[j])  # so that few need an attention mask
+    for T in map(int, args.eval_sampling_steps.split(",")):
+        eval_args = dataclasses.replace(args, completion_length=args.eval_completion_length, sampling_steps=T,
+                                        block_length=args.eval_block_length, unmasking=args.eval_unmasking,
+                                        temperature=args.eval_temperature, top_p=args.eval_top_p, top_k=args.eval_top_k)
+        records, seconds = [], 0.0
+        for b in tqdm(range(0, len(mine), args.eval_batch_size), desc=f"eval T={T}", disable=rank > 0, leave=False):
+            index = order[b:b + args.eval_batch_size]
+            chunk, clock = [mine[j] for j in index], time.perf_counter()
+            rollout = generate(model, *tokenize_prompts(tokenizer, chunk, args), eval_args,
+                               stream(args, "evaluation", T, rank, b))
+            synchronize(args)
+            seconds += time.perf_counter() - clock
+            graded = grade(tokenizer, rollout.tokens, chunk, args)
+            lengths = (rollout.tokens != args.eos_token_id).sum(1).tolist()
+            records += [dict(index=rank + world_size * j, question=ex["question"], reference=reward.reference(
+                             args.task, ex), answer=g["answer"], score=g["score"], length=length, completion=g["text"])
+                        for j, ex, g, length in zip(index, chunk, graded, lengths)]
+        records, seconds = gather_records(records, seconds)
+        path = os.path.join(args.output_dir, f"{name}-step{step}-T{T}.jsonl")
+        if rank == 0:
+            write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
+        n = max(len(records), 1)
+        metrics.update({f"eval_T{T}_accuracy": sum(r["score"] for r in records) / n,
+                        f"eval_T{T}_completion_length": sum(r["length"] for r in records) / n,
+                        f"eval_T{T}_seconds_per_completion": seconds / n})
+        say(f"step {step}: evaluation accuracy {metrics[f'eval_T{T}_accuracy']:.1%} at T={T} on {len(examples)} "
+            f"problems ({path})")
+    return metrics
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 7. Training: the step and the loop, on one GPU or many (torchrun)
 def update(trainable, optimizer, grad_norms, args):
     """One optimizer update. DDP by hand: the gradients summed over processes (each loss is already divided by all
     the step's prompts, so the sum is the step's mean), then clipped."""
@@ -576,49 +618,6 @@ def train(model, tokenizer, train_examples, test_examples, args):
     if rank == 0:
         plot_curves(args.output_dir)
         say(f"Done in {(time.time() - started) / 60:.1f} min; curves: {args.output_dir}/curves.svg")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# 7. Evaluation (the authors': C=256, BL=32, T=128, low_confidence, greedy)
-@torch.no_grad()
-def evaluate(model, tokenizer, examples, args, step, name="eval"):
-    """Decode the test prompts with the evaluation settings at each T of --eval-sampling-steps and grade them. Each
-    process takes every world_size-th example; rank 0 writes <run>/<name>-step<step>-T<T>.jsonl, a line per example
-    in the test set's order with the reference and the answer the grader read, so that a score can be audited."""
-    rank, world_size = world()
-    model.eval()
-    mine, metrics = examples[rank::world_size], {}
-    prompt_lengths = tokenize_prompts(tokenizer, mine, args)[1].sum(1).tolist()  # batches of prompts of one length,
-    order = sorted(range(len(mine)), key=lambda j: prompt_lengths[j])  # so that few need an attention mask
-    for T in map(int, args.eval_sampling_steps.split(",")):
-        eval_args = dataclasses.replace(args, completion_length=args.eval_completion_length, sampling_steps=T,
-                                        block_length=args.eval_block_length, unmasking=args.eval_unmasking,
-                                        temperature=args.eval_temperature, top_p=args.eval_top_p, top_k=args.eval_top_k)
-        records, seconds = [], 0.0
-        for b in tqdm(range(0, len(mine), args.eval_batch_size), desc=f"eval T={T}", disable=rank > 0, leave=False):
-            index = order[b:b + args.eval_batch_size]
-            chunk, clock = [mine[j] for j in index], time.perf_counter()
-            rollout = generate(model, *tokenize_prompts(tokenizer, chunk, args), eval_args,
-                               stream(args, "evaluation", T, rank, b))
-            synchronize(args)
-            seconds += time.perf_counter() - clock
-            graded = grade(tokenizer, rollout.tokens, chunk, args)
-            lengths = (rollout.tokens != args.eos_token_id).sum(1).tolist()
-            records += [dict(index=rank + world_size * j, question=ex["question"], reference=reward.reference(
-                             args.task, ex), answer=g["answer"], score=g["score"], length=length, completion=g["text"])
-                        for j, ex, g, length in zip(index, chunk, graded, lengths)]
-        records, seconds = gather_records(records, seconds)
-        path = os.path.join(args.output_dir, f"{name}-step{step}-T{T}.jsonl")
-        if rank == 0:
-            write_atomically(path, "".join(json.dumps(record) + "\n" for record in records))
-        n = max(len(records), 1)
-        metrics.update({f"eval_T{T}_accuracy": sum(r["score"] for r in records) / n,
-                        f"eval_T{T}_completion_length": sum(r["length"] for r in records) / n,
-                        f"eval_T{T}_seconds_per_completion": seconds / n})
-        say(f"step {step}: evaluation accuracy {metrics[f'eval_T{T}_accuracy']:.1%} at T={T} on {len(examples)} "
-            f"problems ({path})")
-    return metrics
-
 
 # ==========================================================================================================
 # Plumbing, not AGRPO: metrics and curves, loading and the toy model, runs and signals, the command line
@@ -937,8 +936,7 @@ class Parser(argparse.ArgumentParser):
 
 GROUPS = {"task": "task and model", "lora_rank": "LoRA (the authors' adapters)", "learning_rate": "optimisation",
           "group_size": "rollouts (generation as a denoising MDP)", "estimator": "the estimator and the objective",
-          "eval_every": "evaluation (the authors': greedy, low-confidence, C=256 in blocks of 32)",
-          "output_dir": "runs and checkpoints"}  # --help's sections, each from its first field
+          "eval_every": "evaluation (the authors': greedy, C=256, BL=32)", "output_dir": "runs and checkpoints"}
 
 def build_parser():
     """One flag per field of Args, its help showing its default and toy values; parsing returns only what was typed."""
@@ -948,7 +946,7 @@ def build_parser():
                                 "settings for LLaDA-8B-Instruct on a GPU; --model toy --device cpu runs offline.")
     group = parser
     for f in dataclasses.fields(Args):
-        group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group
+        group = parser.add_argument_group(GROUPS[f.name]) if f.name in GROUPS else group  # a --help section starts
         toy = [f"{task} {v[f.name]}" if task else str(v[f.name]) for task, v in [("", TOY), *TOY_TASKS.items()]
                if f.name in v]
         shown = [f"default: {f.default}"] * (f.default is not None) + [f"toy: {', '.join(toy)}"] * bool(toy)
